@@ -1,0 +1,200 @@
+"""Sweep configs: YAML files under search_spaces/, validated before Ray starts.
+
+A config is the defaults below overlaid with the YAML file, then with `key=value`
+overrides from the command line (dotted keys, YAML values: `soup.greedy_accept='>'`,
+`hyperparameters.lr={loguniform: [1e-4, 1e-3]}`). Every mistake is a one-line
+ConfigError naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import yaml
+
+from orchestrator.errors import ConfigError
+from orchestrator.tasks import TASKS
+from orchestrator.train import HPARAMS
+
+DEFAULTS: dict[str, Any] = {
+    "sweep": "glyphs_soup",
+    "task": {"name": "glyphs"},  # other keys are the task's settings (see the task's `defaults`)
+    "num_samples": 16,
+    "search_seed": 0,  # seeds the random search, so a sweep samples the same trials again
+    "max_concurrent_trials": 0,  # 0 = as many as the cluster's resources allow
+    "max_failures": 2,  # retries per crashed trial (each resumes from its last epoch checkpoint)
+    "resources": {"cpu": 1, "gpu": 0},
+    "hyperparameters": {},  # name -> constant or distribution; see DISTRIBUTIONS
+    "soup": {
+        "greedy_accept": ">=",  # the paper's rule; ">" is the reference code's
+        "wise_ft_alphas": [round(0.1 * i, 1) for i in range(11)],
+    },
+}
+
+# How a hyperparameter may be drawn: {kind: [args]}. randint bounds are inclusive.
+DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "search_spaces", "glyphs_soup.yaml")
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> dict[str, Any]:
+    """Read, overlay and validate a config; returns a plain dict."""
+    path = path or DEFAULT_CONFIG
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: value is not valid YAML") from None
+        _set_dotted(raw, key.split("."), parsed, item)
+    return validate(raw, path)
+
+
+def _set_dotted(tree: dict, keys: list[str], value: Any, item: str) -> None:
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"override {item!r}: {k} is not a mapping")
+    tree[keys[-1]] = value
+
+
+def validate(raw: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
+    cfg = _merge(DEFAULTS, raw, source, "")
+    task = cfg["task"]
+    if task.get("name") not in TASKS:
+        raise ConfigError(f"{source}: task.name: unknown task {task.get('name')!r} (known: {', '.join(sorted(TASKS))})")
+    cfg["task"] = {"name": task["name"], **_merge(TASKS[task["name"]].defaults,
+                                                  {k: v for k, v in task.items() if k != "name"}, source, "task.")}
+    try:
+        TASKS[task["name"]]({k: v for k, v in cfg["task"].items() if k != "name"})
+    except ValueError as e:
+        raise ConfigError(f"{source}: task.{e}") from None
+    for key in ("num_samples", "max_failures"):
+        if cfg[key] < (1 if key == "num_samples" else 0):
+            raise ConfigError(f"{source}: {key}: must be {'>= 1' if key == 'num_samples' else '>= 0'}, got {cfg[key]}")
+    for key, value in cfg["resources"].items():
+        if value < 0:
+            raise ConfigError(f"{source}: resources.{key}: must be >= 0, got {value}")
+    if cfg["soup"]["greedy_accept"] not in (">=", ">"):
+        raise ConfigError(f"{source}: soup.greedy_accept: must be '>=' or '>', got {cfg['soup']['greedy_accept']!r}")
+    for a in cfg["soup"]["wise_ft_alphas"]:
+        if not isinstance(a, (int, float)) or not 0 <= a <= 1:
+            raise ConfigError(f"{source}: soup.wise_ft_alphas: each alpha must be a number in [0, 1], got {a!r}")
+    for name, spec in cfg["hyperparameters"].items():
+        _check_hparam(name, spec, source)
+    return cfg
+
+
+def _merge(defaults: dict, given: dict, source: str, prefix: str) -> dict:
+    """Overlay `given` on `defaults`, checking that every key exists and types agree."""
+    if not isinstance(given, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'}: expected a mapping, got {given!r}")
+    out = copy.deepcopy(defaults)
+    for key, value in given.items():
+        where = f"{prefix}{key}"
+        if key not in defaults:
+            raise ConfigError(f"{source}: {where}: unknown key (expected one of: {', '.join(defaults)})")
+        default = defaults[key]
+        if key in ("task", "hyperparameters", "resources"):  # free-form mappings, checked separately
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {where}: expected a mapping, got {value!r}")
+            out[key] = {**default, **value}
+        elif isinstance(default, dict):
+            out[key] = _merge(default, value, source, where + ".")
+        else:
+            out[key] = _check_type(value, default, source, where)
+    return out
+
+
+def _check_type(value: Any, default: Any, source: str, where: str) -> Any:
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    elif isinstance(default, list):
+        ok = isinstance(value, list)
+    else:
+        ok = True
+    if not ok:
+        raise ConfigError(f"{source}: {where}: expected {type(default).__name__}, got {value!r}")
+    return value
+
+
+def _check_hparam(name: str, spec: Any, source: str) -> None:
+    where = f"{source}: hyperparameters.{name}"
+    if name not in HPARAMS:
+        raise ConfigError(f"{where}: unknown hyperparameter (known: {', '.join(HPARAMS)})")
+    default = HPARAMS[name]
+    if not isinstance(spec, dict):
+        _check_type(spec, default, source, f"hyperparameters.{name}")
+        return
+    if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+        raise ConfigError(f"{where}: expected a value or one of {{{', '.join(DISTRIBUTIONS)}: [...]}}, got {spec!r}")
+    kind, args = next(iter(spec.items()))
+    if not isinstance(args, list) or not args:
+        raise ConfigError(f"{where}.{kind}: expected a non-empty list, got {args!r}")
+    if kind in ("choice", "grid"):
+        for v in args:
+            _check_type(v, default, source, f"hyperparameters.{name}.{kind}")
+        return
+    if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+        raise ConfigError(f"{where}.{kind}: expected [low, high], got {args!r}")
+    low, high = args
+    if kind == "randint" and not all(isinstance(a, int) for a in args):
+        raise ConfigError(f"{where}.randint: bounds must be integers, got {args!r}")
+    if isinstance(default, int) and kind != "randint":
+        raise ConfigError(f"{where}: an integer hyperparameter needs randint, choice or grid, got {kind}")
+    if low > high or (low == high and kind != "randint"):
+        raise ConfigError(f"{where}.{kind}: empty or inverted range [{low}, {high}]")
+    if kind == "loguniform" and low <= 0:
+        raise ConfigError(f"{where}.loguniform: bounds must be > 0, got {args!r}")
+
+
+def search_space(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config's hyperparameters as a Ray Tune param_space."""
+    from ray import tune
+
+    space = {}
+    for name, spec in cfg["hyperparameters"].items():
+        if not isinstance(spec, dict):
+            space[name] = spec
+            continue
+        kind, args = next(iter(spec.items()))
+        space[name] = {
+            "loguniform": lambda a: tune.loguniform(*a),
+            "uniform": lambda a: tune.uniform(*a),
+            "randint": lambda a: tune.randint(a[0], a[1] + 1),
+            "choice": tune.choice,
+            "grid": tune.grid_search,
+        }[kind](args)
+    return space
+
+
+def task_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg["task"].items() if k != "name"}
+
+
+def make_task(cfg: dict[str, Any]):
+    return TASKS[cfg["task"]["name"]](task_settings(cfg))
