@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from typing import Any
 
 import yaml
@@ -36,16 +37,31 @@ DEFAULTS: dict[str, Any] = {
 # How a hyperparameter may be drawn: {kind: [args]}. randint bounds are inclusive.
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads 1e-3 (no dot) as a float, as YAML 1.2 and users do."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "search_spaces", "glyphs_soup.yaml")
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> dict[str, Any]:
-    """Read, overlay and validate a config; returns a plain dict."""
+    """Read, overlay and validate a soup-sweep config; returns a plain dict."""
     path = path or DEFAULT_CONFIG
+    return validate(read_yaml(path, overrides), path)
+
+
+def read_yaml(path: str, overrides: list[str] = ()) -> dict[str, Any]:
+    """A YAML mapping with `key=value` overrides applied (not yet validated)."""
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f)
+            raw = yaml.load(f, Loader=_Loader)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except yaml.YAMLError as e:
@@ -60,11 +76,11 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> dict[str,
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value")
         try:
-            parsed = yaml.safe_load(value)
+            parsed = yaml.load(value, Loader=_Loader)
         except yaml.YAMLError:
             raise ConfigError(f"override {item!r}: value is not valid YAML") from None
         _set_dotted(raw, key.split("."), parsed, item)
-    return validate(raw, path)
+    return raw
 
 
 def _set_dotted(tree: dict, keys: list[str], value: Any, item: str) -> None:
@@ -76,11 +92,11 @@ def _set_dotted(tree: dict, keys: list[str], value: Any, item: str) -> None:
 
 
 def validate(raw: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
-    cfg = _merge(DEFAULTS, raw, source, "")
+    cfg = merge(DEFAULTS, raw, source)
     task = cfg["task"]
     if task.get("name") not in TASKS:
         raise ConfigError(f"{source}: task.name: unknown task {task.get('name')!r} (known: {', '.join(sorted(TASKS))})")
-    cfg["task"] = {"name": task["name"], **_merge(TASKS[task["name"]].defaults,
+    cfg["task"] = {"name": task["name"], **merge(TASKS[task["name"]].defaults,
                                                   {k: v for k, v in task.items() if k != "name"}, source, "task.")}
     try:
         TASKS[task["name"]]({k: v for k, v in cfg["task"].items() if k != "name"})
@@ -98,12 +114,17 @@ def validate(raw: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
         if not isinstance(a, (int, float)) or not 0 <= a <= 1:
             raise ConfigError(f"{source}: soup.wise_ft_alphas: each alpha must be a number in [0, 1], got {a!r}")
     for name, spec in cfg["hyperparameters"].items():
-        _check_hparam(name, spec, source)
+        check_hparam(name, spec, HPARAMS, source)
     return cfg
 
 
-def _merge(defaults: dict, given: dict, source: str, prefix: str) -> dict:
-    """Overlay `given` on `defaults`, checking that every key exists and types agree."""
+FREE_FORM = ("task", "hyperparameters", "resources")
+
+
+def merge(defaults: dict, given: dict, source: str, prefix: str = "", free_form=FREE_FORM) -> dict:
+    """Overlay `given` on `defaults`, checking that every key exists and types agree.
+
+    Keys in `free_form` take any mapping (their contents are checked by the caller)."""
     if not isinstance(given, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'}: expected a mapping, got {given!r}")
     out = copy.deepcopy(defaults)
@@ -112,12 +133,12 @@ def _merge(defaults: dict, given: dict, source: str, prefix: str) -> dict:
         if key not in defaults:
             raise ConfigError(f"{source}: {where}: unknown key (expected one of: {', '.join(defaults)})")
         default = defaults[key]
-        if key in ("task", "hyperparameters", "resources"):  # free-form mappings, checked separately
+        if key in free_form:
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: {where}: expected a mapping, got {value!r}")
             out[key] = {**default, **value}
         elif isinstance(default, dict):
-            out[key] = _merge(default, value, source, where + ".")
+            out[key] = merge(default, value, source, where + ".", free_form)
         else:
             out[key] = _check_type(value, default, source, where)
     return out
@@ -142,11 +163,12 @@ def _check_type(value: Any, default: Any, source: str, where: str) -> Any:
     return value
 
 
-def _check_hparam(name: str, spec: Any, source: str) -> None:
+def check_hparam(name: str, spec: Any, known: dict[str, Any], source: str) -> None:
+    """A constant or a distribution for hyperparameter `name`; `known` maps names to defaults."""
     where = f"{source}: hyperparameters.{name}"
-    if name not in HPARAMS:
-        raise ConfigError(f"{where}: unknown hyperparameter (known: {', '.join(HPARAMS)})")
-    default = HPARAMS[name]
+    if name not in known:
+        raise ConfigError(f"{where}: unknown hyperparameter (known: {', '.join(known)})")
+    default = known[name]
     if not isinstance(spec, dict):
         _check_type(spec, default, source, f"hyperparameters.{name}")
         return
@@ -172,12 +194,12 @@ def _check_hparam(name: str, spec: Any, source: str) -> None:
         raise ConfigError(f"{where}.loguniform: bounds must be > 0, got {args!r}")
 
 
-def search_space(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The config's hyperparameters as a Ray Tune param_space."""
+def search_space(hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """Validated hyperparameter specs as a Ray Tune param_space."""
     from ray import tune
 
     space = {}
-    for name, spec in cfg["hyperparameters"].items():
+    for name, spec in hyperparameters.items():
         if not isinstance(spec, dict):
             space[name] = spec
             continue

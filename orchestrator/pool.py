@@ -143,6 +143,11 @@ class Pool:
         self._write(self._row_path(ingredient_id), buf.getvalue())
         return self._decode(full)
 
+    @staticmethod
+    def digest(*parts: Any) -> str:
+        """A short content hash, for ids derived from what an ingredient was made of."""
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
     # -- reading ---------------------------------------------------------------------
 
     def table(self) -> pa.Table:

@@ -143,9 +143,10 @@ class FineTune:
 
     def state(self) -> dict[str, Any]:
         """Optimizer state and progress; plain tensors and numbers, loadable with weights_only=True."""
-        return {"optimizer": self.opt.state_dict(), "epoch": self.epoch}
+        return {"optimizer": self.opt.state_dict(), "epoch": self.epoch, "history": self.history}
 
     def restore(self, weights: StateDict, state: dict[str, Any]) -> None:
         load_into(self.model, weights)
         self.opt.load_state_dict(state["optimizer"])
         self.epoch = int(state["epoch"])
+        self.history = list(state.get("history", []))

@@ -1,0 +1,178 @@
+"""Fine-tune one pretrained model many times with Ray Tune, then cook model soups.
+
+    python -m orchestrator.soup_sweep                     # the embedded default, local Ray
+    python -m orchestrator.soup_sweep --num-samples 32 soup.greedy_accept='>'
+    python -m orchestrator.soup_sweep --skip-train        # re-cook soups from the pool
+
+Steps: load and validate the config; get the pretrained weights (cached in the pool);
+fan out the trials with Ray Tune (each lands in the pool and in MLflow); cook zero-shot,
+best individual, uniform soup, greedy soup, ensemble and WiSE-FT from the pool;
+store the soups back in the pool and in MLflow; plot and print a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import yaml
+
+from orchestrator import tracking
+from orchestrator.cli import add_common_flags, run_main
+from orchestrator.config import load_config, make_task, task_settings
+from orchestrator.pool import Pool, safe_id
+from orchestrator.recipes import Dish, Kitchen, cook
+from orchestrator.tasks.base import Task, arch_fingerprint
+
+log = logging.getLogger("orchestrator")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m orchestrator.soup_sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="search-space YAML (default: search_spaces/glyphs_soup.yaml)")
+    p.add_argument("--num-samples", type=int, default=None, help="number of fine-tuning trials (overrides num_samples)")
+    add_common_flags(p, default_pool="pool")
+    p.add_argument("--skip-train", action="store_true", help="cook and evaluate soups from the existing pool only")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides with dotted keys and YAML values, e.g. task.width=48 soup.greedy_accept='>'")
+    return p.parse_args(argv)
+
+
+def ensure_pretrained(pool: Pool, task: Task, sweep: str) -> dict[str, Any]:
+    """The shared starting weights, made once per pretraining settings and cached in the pool."""
+    pid = f"pretrained-{task.name}-{task.pretrain_key()}"
+    if pool.has(pid):
+        print(f"pretrained weights: cached in the pool ({pid})")
+        return pool.get(pid)
+    print(f"pretrained weights: not in the pool, pretraining {task.name} once (cached as {pid}) ...", flush=True)
+    t0 = time.time()
+    state = task.pretrain()
+    print(f"pretrained in {time.time() - t0:.0f} s")
+    return pool.add({"id": pid, "kind": "pretrained", "sweep": sweep, "task": task.name, "status": "ok",
+                     "arch": arch_fingerprint(state), "hparams": {k: task.settings[k] for k in task.pretrain_settings}},
+                    state)
+
+
+def serve(dishes: list[Dish], cfg: dict[str, Any], pool: Pool, uri: str, exp: str, parent: str,
+          input_shape) -> None:
+    """Each dish gets a nested MLflow run; each new set of weights a pool row (kind=soup) and an MLflow model."""
+    sweep = cfg["sweep"]
+    for dish in dishes:
+        params = {k: v for k, v in dish.params.items() if k != "trace"}
+        run_id = tracking.start_run(uri, exp, dish.label, "recipe", parent,
+                                    tags={tracking.RECIPE: dish.recipe, tracking.SWEEP: sweep}, params=params)
+        tracking.log_metrics(uri, run_id, dish.metrics)
+        for point in dish.curve:
+            step = round(point["alpha"] * 100)
+            tracking.log_metrics(uri, run_id, {f"curve_{k}": v for k, v in point.items() if k != "alpha"}, step=step)
+        tracking.log_dict(uri, run_id, {"ingredients": dish.parents, **dish.params}, "ingredients.json")
+        if dish.weights is not None and dish.recipe not in ("best_individual",):
+            soup_id = safe_id(f"{sweep}-{dish.recipe}-{Pool.digest(dish.parents, params)}")
+            pool.add({"id": soup_id, "kind": "soup", "sweep": sweep, "task": cfg["task"]["name"], "status": "ok",
+                      "arch": arch_fingerprint(dish.weights), "hparams": {"recipe": dish.recipe, **params},
+                      "metrics": dish.metrics, "parents": dish.parents, "mlflow_run_id": run_id}, dish.weights)
+            tracking.set_tags(uri, run_id, {"orchestrator.ingredient_id": soup_id})
+            tracking.log_model(uri, run_id, dish.weights, cfg["task"]["name"], task_settings(cfg), input_shape)
+        tracking.end_run(uri, run_id)
+
+
+def summary_table(dishes: list[Dish]) -> str:
+    lines = [f"{'':34s} {'val':>7s} {'ID':>7s} {'OOD mean':>9s}"]
+    for d in dishes:
+        m = d.metrics
+        lines.append(f"{d.label:34s} {m['val_acc']:7.4f} {m['id_acc']:7.4f} {m['ood_acc']:9.4f}")
+    return "\n".join(lines)
+
+
+def sweep(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides) + ([f"num_samples={args.num_samples}"] if args.num_samples is not None else [])
+    cfg = load_config(args.config, overrides)
+    task = make_task(cfg)
+    uri = tracking.resolve_uri(args.tracking_uri)
+    exp = tracking.experiment_id(uri, cfg["sweep"])  # fails fast on an unreachable store
+    pool = Pool(args.pool, create=not args.skip_train)
+    started = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    t0 = time.time()
+
+    if args.skip_train:
+        pretrained = pool.get(f"pretrained-{task.name}-{task.pretrain_key()}")
+    else:
+        pretrained = ensure_pretrained(pool, task, cfg["sweep"])
+    data = task.data()
+
+    parent = tracking.start_run(uri, exp, f"{cfg['sweep']}-{started}", "sweep",
+                                tags={tracking.SWEEP: cfg["sweep"], "orchestrator.pool": pool.uri},
+                                params={"pool": pool.uri, "skip_train": args.skip_train, "task": task.name,
+                                        "num_samples": cfg["num_samples"], "pretrained_id": pretrained["id"]})
+    tracking.log_dict(uri, parent, yaml.safe_dump(cfg, sort_keys=False), "config.yaml")
+    status = "FAILED"
+    try:
+        if not args.skip_train:
+            train(args, cfg, task, pool, pretrained, data, uri, exp, parent, started)
+        print("cooking soups from the pool ...", flush=True)
+        kitchen = Kitchen(pool, task, data, sweep=cfg["sweep"], settings=cfg["soup"])
+        dishes = cook(kitchen)
+        serve(dishes, cfg, pool, uri, exp, parent, input_shape=data.evals[data.val][0].shape[1:])
+        report(cfg, kitchen, dishes, pool, uri, parent, t0)
+        status = "FINISHED"
+    finally:
+        tracking.end_run(uri, parent, status)
+    return 0
+
+
+def train(args, cfg, task, pool, pretrained, data, uri, exp, parent, started) -> None:
+    from orchestrator import fanout
+    from orchestrator.trial import SweepContext
+
+    size = fanout.connect(args.address)
+    tracking.log_params(uri, parent, size)
+    print(f"Ray: {size['ray_nodes']} node(s), {size['ray_cpus']:g} CPUs, {size['ray_gpus']:g} GPUs; "
+          f"running {cfg['num_samples']} trials", flush=True)
+    ctx = SweepContext(sweep=cfg["sweep"], task_name=task.name, task_settings=task_settings(cfg), pool_uri=pool.uri,
+                       pretrained_id=pretrained["id"], tracking_uri=uri, experiment_id=exp, parent_run_id=parent,
+                       cpus_per_trial=int(max(1, cfg["resources"]["cpu"])))
+    results = fanout.run(cfg, ctx, data, args.storage, name=f"{cfg['sweep']}-{started}")
+    for trial_id, error in fanout.errored_trial_ids(results):
+        print(f"trial {trial_id} failed after {cfg['max_failures']} retries: {error}", file=sys.stderr)
+        pool.add({"id": trial_id, "kind": "trial", "sweep": cfg["sweep"], "task": task.name, "status": "failed",
+                  "metrics": {}, "hparams": {}, "parents": [pretrained["id"]]})
+
+
+def report(cfg, kitchen: Kitchen, dishes: list[Dish], pool: Pool, uri: str, parent: str, t0: float) -> None:
+    from orchestrator.plots import soup_scatter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        plot = soup_scatter(kitchen.ingredients, dishes, os.path.join(tmp, "soups_id_vs_ood.png"),
+                            f"{cfg['sweep']}: {len(kitchen.ingredients)} fine-tuned models and their soups")
+        tracking.log_file(uri, parent, plot)
+        manifest = os.path.join(tmp, "manifest.parquet")
+        pool.manifest()[lambda df: df.columns[:14]].to_parquet(manifest)
+        tracking.log_file(uri, parent, manifest)
+    best = next(d for d in dishes if d.recipe == "best_individual").metrics
+    greedy = next(d for d in dishes if d.recipe == "greedy_soup").metrics
+    tracking.log_metrics(uri, parent, {**{f"greedy_{k}": v for k, v in greedy.items()},
+                                       **{f"best_individual_{k}": v for k, v in best.items()}})
+    print()
+    print(summary_table(dishes))
+    print(f"\n{len(kitchen.ingredients)} usable ingredients; finished in {time.time() - t0:.0f} s")
+    print(f"pool:   {pool.uri}  (python -m orchestrator.pool show --pool {pool.uri})")
+    print(f"MLflow: {uri}, experiment {cfg['sweep']!r}, parent run {parent}")
+    print(f"        browse with: mlflow ui --backend-store-uri {uri}")
+    print("plot:   artifact soups_id_vs_ood.png on the parent run")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    return run_main(lambda: sweep(args), args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

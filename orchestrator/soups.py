@@ -1,0 +1,117 @@
+"""The math of weight averaging: pure functions on state dicts, no I/O.
+
+Ingredients arrive one at a time through an iterator or a `load` callback, so memory
+stays flat in the number of ingredients: a uniform soup holds one running mean and
+one ingredient; a greedy soup holds the soup, the candidate and one ingredient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Generic, Iterable, Sequence, TypeVar
+
+import torch
+
+from orchestrator.tasks.base import StateDict
+
+T = TypeVar("T")
+
+
+def _mix(a: StateDict, b: StateDict, wa: float, wb: float) -> StateDict:
+    """wa * a + wb * b for floating tensors, computed in float32; other tensors are taken from a."""
+    out = {}
+    for k, va in a.items():
+        if va.is_floating_point():
+            out[k] = (va.float() * wa + b[k].float() * wb).to(va.dtype)
+        else:
+            out[k] = va.clone()
+    return out
+
+
+def check_compatible(a: StateDict, b: StateDict) -> None:
+    if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
+        raise ValueError("state dicts have different architectures")
+
+
+def uniform_soup(states: Iterable[StateDict]) -> StateDict:
+    """The plain mean of every state dict, as a running mean (one ingredient in memory)."""
+    soup, n = None, 0
+    for state in states:
+        if soup is None:
+            soup = {k: v.clone() for k, v in state.items()}
+        else:
+            check_compatible(soup, state)
+            soup = _mix(soup, state, n / (n + 1), 1 / (n + 1))
+        n += 1
+    if soup is None:
+        raise ValueError("uniform soup of no ingredients")
+    return soup
+
+
+def interpolate(zero: StateDict, fine: StateDict, alpha: float) -> StateDict:
+    """WiSE-FT: (1 - alpha) * zero-shot + alpha * fine-tuned."""
+    check_compatible(zero, fine)
+    return _mix(zero, fine, 1 - alpha, alpha)
+
+
+@dataclass
+class GreedyStep(Generic[T]):
+    ingredient: T
+    score: float  # held-out score of the candidate soup that includes this ingredient
+    accepted: bool
+
+
+@dataclass
+class GreedySoup(Generic[T]):
+    state: StateDict
+    score: float
+    kept: list[T]
+    steps: list[GreedyStep[T]] = field(default_factory=list)
+
+
+def greedy_soup(
+    ranked: Sequence[T],
+    load: Callable[[T], StateDict],
+    score: Callable[[StateDict], float],
+    accept: str = ">=",
+    first_score: float | None = None,
+) -> GreedySoup[T]:
+    """Greedy soup (Wortsman et al. 2022, recipe 1).
+
+    `ranked` must be sorted by held-out score, best first. The soup starts as the best
+    ingredient; each next one is tried exactly once as the running mean of the kept
+    ingredients plus it, and kept if the held-out score does not drop (`>=`, the paper)
+    or rises (`>`, the reference code). `first_score`, if known, saves one evaluation.
+    """
+    if not ranked:
+        raise ValueError("greedy soup of no ingredients")
+    if accept not in (">=", ">"):
+        raise ValueError(f"accept must be '>=' or '>', got {accept!r}")
+    better = (lambda s, b: s >= b) if accept == ">=" else (lambda s, b: s > b)
+    soup = load(ranked[0])
+    best = score(soup) if first_score is None else first_score
+    result = GreedySoup(state=soup, score=best, kept=[ranked[0]], steps=[GreedyStep(ranked[0], best, True)])
+    for ingredient in ranked[1:]:
+        new = load(ingredient)
+        check_compatible(result.state, new)
+        n = len(result.kept)
+        candidate = _mix(result.state, new, n / (n + 1), 1 / (n + 1))
+        del new
+        s = score(candidate)
+        ok = better(s, result.score)
+        result.steps.append(GreedyStep(ingredient, s, ok))
+        if ok:
+            result.state, result.score = candidate, s
+            result.kept.append(ingredient)
+    return result
+
+
+def mean_logits(logits: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Output ensemble: per eval set, the mean of every member's logits."""
+    total, n = None, 0
+    for member in logits:
+        total = {k: v.clone() for k, v in member.items()} if total is None else {k: total[k] + v for k, v in member.items()}
+        n += 1
+    if total is None:
+        raise ValueError("ensemble of no members")
+    return {k: v / n for k, v in total.items()}
