@@ -96,8 +96,9 @@ def sweep(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     task = make_task(cfg)
     uri = tracking.resolve_uri(args.tracking_uri)
-    exp = tracking.experiment_id(uri, cfg["sweep"])  # fails fast on an unreachable store
+    tracking.check_reachable(uri)  # every input is checked before anything is written
     pool = Pool(args.pool, create=not args.skip_train)
+    exp = tracking.experiment_id(uri, cfg["sweep"])
     started = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     t0 = time.time()
 
@@ -171,6 +172,7 @@ def report(cfg, kitchen: Kitchen, dishes: list[Dish], pool: Pool, uri: str, pare
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no "Creating initial MLflow database tables"
     return run_main(lambda: sweep(args), args.debug)
 
 

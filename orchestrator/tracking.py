@@ -35,6 +35,22 @@ def resolve_uri(uri: str | None) -> str:
     return uri
 
 
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, before anything is written, if the tracking store cannot be reached."""
+    if uri.startswith("sqlite:///"):
+        folder = os.path.dirname(uri[len("sqlite:///"):]) or "."
+        if not os.path.isdir(folder):
+            raise UserError(f"tracking URI {uri}: folder {folder} does not exist")
+    elif uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
+        except (urllib.error.URLError, OSError) as e:
+            raise UserError(f"tracking URI {uri}: cannot reach the MLflow server ({getattr(e, 'reason', e)})") from None
+
+
 def client(uri: str):
     from mlflow import MlflowClient
 
@@ -104,9 +120,12 @@ def log_file(uri: str, run_id: str, path: str, folder: str | None = None) -> Non
 
 def log_model(uri: str, run_id: str, weights, task_name: str, settings: dict[str, Any], input_shape) -> None:
     """Log souped weights as an MLflow pyfunc model: code + safetensors, no pickle."""
+    import warnings
+
     import mlflow
     from safetensors.torch import save_file
 
+    warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
     here = os.path.dirname(os.path.abspath(__file__))
     mlflow.set_tracking_uri(uri)
     with tempfile.TemporaryDirectory() as tmp:

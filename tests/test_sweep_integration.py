@@ -1,0 +1,121 @@
+"""A tiny soup sweep end to end on local Ray: pool rows, nested MLflow runs, recipes, plot."""
+
+import os
+
+import pytest
+from mlflow import MlflowClient
+
+from orchestrator import soup_sweep
+from orchestrator.pool import Pool
+from tests.conftest import TINY_TASK
+
+RECIPES = {"zero_shot", "best_individual", "uniform_soup", "greedy_soup", "ensemble", "wise_ft"}
+
+
+@pytest.fixture(scope="module")
+def swept(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    uri = f"sqlite:///{root}/mlflow.db"
+    args = ["--pool", str(root / "pool"), "--tracking-uri", uri, "--storage", str(root / "ray_results"),
+            "--num-samples", "3", "sweep=tiny", *TINY_TASK]
+    assert soup_sweep.main(args) == 0
+    return root, uri, args
+
+
+def runs_by_role(uri):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    by_role = {}
+    for r in runs:
+        by_role.setdefault(r.data.tags.get("orchestrator.role"), []).append(r)
+    return client, by_role
+
+
+def test_pool_holds_pretrained_trials_and_soups(swept):
+    root, _, _ = swept
+    df = Pool(str(root / "pool")).manifest()
+    assert (df["kind"] == "pretrained").sum() == 1
+    trials = df[df["kind"] == "trial"]
+    assert len(trials) == 3 and set(trials["status"]) == {"ok"}
+    assert trials["id"].is_unique
+    pre_id = df[df["kind"] == "pretrained"]["id"].iloc[0]
+    assert all(list(p) == [pre_id] for p in trials["parents"])
+    for col in ("val_acc", "id_acc", "ood_acc", "acc_ood_fonts", "acc_ood_noise", "acc_ood_rotate", "acc_ood_blur"):
+        assert trials[col].between(0, 1).all(), col
+    assert all(len(h) >= 1 for h in trials["history"])  # per-epoch history kept for replay
+    soups = df[df["kind"] == "soup"]
+    recipes = sorted(h["recipe"] for h in soups["hparams"])
+    assert recipes == ["greedy_soup", "uniform_soup", "wise_ft", "wise_ft"]
+    uniform = soups[[h["recipe"] == "uniform_soup" for h in soups["hparams"]]].iloc[0]
+    assert sorted(uniform["parents"]) == sorted(trials["id"])
+    assert (soups["mlflow_run_id"] != "").all()
+    assert Pool(str(root / "pool")).verify() == []
+
+
+def test_greedy_soup_not_worse_than_best_individual_on_val(swept):
+    root, _, _ = swept
+    df = Pool(str(root / "pool")).manifest()
+    best_val = df[df["kind"] == "trial"]["val_acc"].max()
+    greedy = df[[isinstance(h, dict) and h.get("recipe") == "greedy_soup" for h in df["hparams"]]].iloc[0]
+    assert greedy["val_acc"] >= best_val
+
+
+def test_mlflow_has_parent_nested_trials_and_recipes(swept):
+    root, uri, _ = swept
+    client, by_role = runs_by_role(uri)
+    (parent,) = by_role["sweep"]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["pool"] == str(root / "pool")
+    assert float(parent.data.params["ray_cpus"]) >= 1
+    trials = by_role["trial"]
+    assert len(trials) == 3
+    for t in trials:
+        assert t.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert {"lr", "weight_decay", "epochs", "seed"} <= set(t.data.params)
+        assert {"val_acc", "id_acc", "ood_acc", "acc_ood_fonts", "train_loss"} <= set(t.data.metrics)
+        assert t.data.tags["orchestrator.ingredient_id"]
+        history = client.get_metric_history(t.info.run_id, "val_acc")
+        assert len(history) == int(t.data.params["epochs"])  # one point per epoch
+    recipes = by_role["recipe"]
+    assert {r.data.tags["orchestrator.recipe"] for r in recipes} == RECIPES
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in recipes)
+    greedy = next(r for r in recipes if r.data.tags["orchestrator.recipe"] == "greedy_soup")
+    artifacts = {a.path for a in client.list_artifacts(greedy.info.run_id)}
+    assert "ingredients.json" in artifacts
+    wise = [r for r in recipes if r.data.tags["orchestrator.recipe"] == "wise_ft"]
+    assert len(client.get_metric_history(wise[0].info.run_id, "curve_id_acc")) == 11
+    parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"soups_id_vs_ood.png", "manifest.parquet", "config.yaml"} <= parent_artifacts
+
+
+def test_soup_is_logged_as_a_loadable_mlflow_model(swept):
+    import mlflow
+    import numpy as np
+
+    _, uri, _ = swept
+    _, by_role = runs_by_role(uri)
+    greedy = next(r for r in by_role["recipe"] if r.data.tags["orchestrator.recipe"] == "greedy_soup")
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(f"runs:/{greedy.info.run_id}/model")
+    out = model.predict(np.zeros((3, 64), dtype=np.float32))
+    assert out.shape == (3, 10)
+
+
+def test_skip_train_recooks_without_duplicates(swept):
+    root, uri, args = swept
+    before = Pool(str(root / "pool")).manifest()
+    assert soup_sweep.main(args + ["--skip-train"]) == 0
+    after = Pool(str(root / "pool")).manifest()
+    assert len(after) == len(before)  # same soups, same ids: nothing added twice
+    _, by_role = runs_by_role(uri)
+    assert len(by_role["sweep"]) == 2 and len(by_role["trial"]) == 3
+
+
+def test_skip_train_on_a_fresh_folder_is_a_clear_error(tmp_path, capsys):
+    code = soup_sweep.main(["--pool", str(tmp_path / "nothing"), "--tracking-uri",
+                            f"sqlite:///{tmp_path}/m.db", "--skip-train"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error:") and "not a pool" in err[0]
+    assert not os.path.exists(tmp_path / "nothing")
