@@ -11,6 +11,22 @@ from orchestrator.tasks.base import TaskData
 from orchestrator.trial import SweepContext, run_trial
 
 
+def check_address(address: str | None, timeout: float = 5.0) -> None:
+    """Fail fast on a Ray address nobody answers at (ray.init itself would wait for minutes)."""
+    import socket
+
+    if not address or address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"Ray address {address!r}: expected host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise UserError(f"Ray address {address!r}: nothing answers at {host}:{port} ({e.strerror or e})") from None
+
+
 def connect(address: str | None) -> dict[str, Any]:
     """Start a local Ray, or attach to a cluster; returns its size."""
     import ray

@@ -41,7 +41,7 @@ from safetensors.torch import save as st_save
 from orchestrator.errors import PoolError
 from orchestrator.tasks.base import StateDict
 
-KINDS = ("pretrained", "trial", "soup")
+KINDS = ("pretrained", "trial", "soup", "proxy")
 STATUSES = ("ok", "diverged", "failed")
 
 SCHEMA = pa.schema([

@@ -97,6 +97,9 @@ def sweep(args: argparse.Namespace) -> int:
     task = make_task(cfg)
     uri = tracking.resolve_uri(args.tracking_uri)
     tracking.check_reachable(uri)  # every input is checked before anything is written
+    if not args.skip_train:
+        from orchestrator.fanout import check_address
+        check_address(args.address)
     pool = Pool(args.pool, create=not args.skip_train)
     exp = tracking.experiment_id(uri, cfg["sweep"])
     started = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
