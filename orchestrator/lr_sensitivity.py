@@ -232,6 +232,8 @@ def train(args, cfg, pool: Pool, uri: str, exp: str, parent: str, started: str, 
                        tracking_uri=uri, experiment_id=exp, parent_run_id=parent,
                        cpus_per_trial=int(max(1, cfg["resources"].get("cpu", 1))),
                        checkpoint_every=cfg["checkpoint_every"])
+    # one checkpoint per finished run is the design here, not a bottleneck worth a warning per trial
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     space = search_space({"intervention": {"grid": grid["interventions"]}, "width": {"grid": grid["widths"]},
                           "lr": {"grid": grid["lrs"]}, "seed": {"grid": grid["seeds"]}})
     tuner = tune.Tuner(

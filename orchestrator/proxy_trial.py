@@ -206,17 +206,14 @@ def finite(metrics: dict[str, float]) -> dict[str, float]:
 def run_proxy_trial(hp: dict[str, Any], ctx: ProxyContext, data: ByteCorpus) -> None:
     from ray import tune
 
-    import time, sys; T0=time.time(); P=lambda m: print(f"TIMING {m} {time.time()-T0:.2f}", file=sys.stderr, flush=True)
     torch.set_num_threads(max(1, ctx.cpus_per_trial))
     trial_id = tune.get_context().get_trial_id()
     settings = {**ctx.settings, **ctx.interventions[hp["intervention"]]}
     run = ProxyRun(settings, hp["width"], hp["lr"], hp["seed"], data)
-    P("run")
     hparams = {**hp, **settings, "study_key": ctx.study_keys[hp["intervention"]]}
     name = f"{hp['intervention']}-w{hp['width']}-lr{hp['lr']:g}-s{hp['seed']}"
     mlflow = tracking.TrialTracker(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, trial_id, name, hparams)
 
-    P("tracker")
     checkpoint = tune.get_checkpoint()
     if checkpoint:  # a retried trial resumes where its last checkpoint left it
         with checkpoint.as_directory() as d:
@@ -225,7 +222,6 @@ def run_proxy_trial(hp: dict[str, Any], ctx: ProxyContext, data: ByteCorpus) -> 
     else:
         mlflow.metrics({"val_loss": run.loss_0}, step=0)
 
-    P("loop")
     while not run.done:
         record = run.train_step()
         if record is None:

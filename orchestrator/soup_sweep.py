@@ -175,7 +175,7 @@ def report(cfg, kitchen: Kitchen, dishes: list[Dish], pool: Pool, uri: str, pare
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no "Creating initial MLflow database tables"
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no "Creating initial MLflow database tables"
     return run_main(lambda: sweep(args), args.debug)
 
 
