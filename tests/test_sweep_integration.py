@@ -119,3 +119,19 @@ def test_skip_train_on_a_fresh_folder_is_a_clear_error(tmp_path, capsys):
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error:") and "not a pool" in err[0]
     assert not os.path.exists(tmp_path / "nothing")
+
+
+def test_diverging_trial_is_recorded_not_errored(ray_session, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    code = soup_sweep.main(["--pool", str(tmp_path / "pool"), "--tracking-uri", uri,
+                            "--storage", str(tmp_path / "ray_results"), "--num-samples", "1", "sweep=boom",
+                            *TINY_TASK, "hyperparameters.lr=1.0e+30", "hyperparameters.epochs=2"])
+    assert code == 2  # nothing usable to cook from: a clear error, not a crash
+    assert "no usable trial ingredients" in capsys.readouterr().err
+    df = Pool(str(tmp_path / "pool")).manifest()
+    (row,) = df[df["kind"] == "trial"].to_dict("records")
+    assert row["status"] == "diverged" and row["weights"] == ""
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("boom").experiment_id],
+                                filter_string="tags.`orchestrator.role` = 'trial'")
+    assert run.data.tags["orchestrator.status"] == "diverged" and run.info.status == "FAILED"
