@@ -75,10 +75,13 @@ def read_yaml(path: str, overrides: list[str] = ()) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value")
-        try:
-            parsed = yaml.load(value, Loader=_Loader)
-        except yaml.YAMLError:
-            raise ConfigError(f"override {item!r}: value is not valid YAML") from None
+        if value.startswith((">", "|")):  # soup.greedy_accept=> after the shell ate the quotes
+            parsed = value
+        else:
+            try:
+                parsed = yaml.load(value, Loader=_Loader)
+            except yaml.YAMLError:
+                raise ConfigError(f"override {item!r}: value is not valid YAML") from None
         _set_dotted(raw, key.split("."), parsed, item)
     return raw
 
@@ -94,7 +97,7 @@ def _set_dotted(tree: dict, keys: list[str], value: Any, item: str) -> None:
 def validate(raw: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
     cfg = merge(DEFAULTS, raw, source)
     task = cfg["task"]
-    if task.get("name") not in TASKS:
+    if not isinstance(task.get("name"), str) or task["name"] not in TASKS:
         raise ConfigError(f"{source}: task.name: unknown task {task.get('name')!r} (known: {', '.join(sorted(TASKS))})")
     cfg["task"] = {"name": task["name"], **merge(TASKS[task["name"]].defaults,
                                                   {k: v for k, v in task.items() if k != "name"}, source, "task.")}
@@ -102,20 +105,24 @@ def validate(raw: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
         TASKS[task["name"]]({k: v for k, v in cfg["task"].items() if k != "name"})
     except ValueError as e:
         raise ConfigError(f"{source}: task.{e}") from None
-    for key in ("num_samples", "max_failures"):
-        if cfg[key] < (1 if key == "num_samples" else 0):
-            raise ConfigError(f"{source}: {key}: must be {'>= 1' if key == 'num_samples' else '>= 0'}, got {cfg[key]}")
+    for key, low in (("num_samples", 1), ("max_failures", 0), ("max_concurrent_trials", 0)):
+        if cfg[key] < low:
+            raise ConfigError(f"{source}: {key}: must be >= {low}, got {cfg[key]}")
     for key, value in cfg["resources"].items():
-        if value < 0:
-            raise ConfigError(f"{source}: resources.{key}: must be >= 0, got {value}")
+        if not _is_number(value) or value < 0:
+            raise ConfigError(f"{source}: resources.{key}: must be a number >= 0, got {value!r}")
     if cfg["soup"]["greedy_accept"] not in (">=", ">"):
         raise ConfigError(f"{source}: soup.greedy_accept: must be '>=' or '>', got {cfg['soup']['greedy_accept']!r}")
     for a in cfg["soup"]["wise_ft_alphas"]:
-        if not isinstance(a, (int, float)) or not 0 <= a <= 1:
+        if not _is_number(a) or not 0 <= a <= 1:
             raise ConfigError(f"{source}: soup.wise_ft_alphas: each alpha must be a number in [0, 1], got {a!r}")
     for name, spec in cfg["hyperparameters"].items():
         check_hparam(name, spec, HPARAMS, source)
     return cfg
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 FREE_FORM = ("task", "hyperparameters", "resources")

@@ -154,7 +154,8 @@ class Pool:
         manifest = f"{self.root}/manifest"
         if self.fs.get_file_info(manifest).type != pafs.FileType.Directory:
             return SCHEMA.empty_table()
-        return ds.dataset(manifest, schema=SCHEMA, format="parquet", filesystem=self.fs).to_table()
+        return ds.dataset(manifest, schema=SCHEMA, format="parquet", filesystem=self.fs,
+                          ignore_prefixes=["."]).to_table()  # hidden = being written; "_x" ids are rows
 
     def manifest(self) -> pd.DataFrame:
         """One row per ingredient, oldest first; JSON columns decoded, metrics also as columns."""

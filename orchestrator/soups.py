@@ -18,11 +18,12 @@ T = TypeVar("T")
 
 
 def _mix(a: StateDict, b: StateDict, wa: float, wb: float) -> StateDict:
-    """wa * a + wb * b for floating tensors, computed in float32; other tensors are taken from a."""
+    """wa * a + wb * b for floating tensors, computed in at least float32; other tensors are taken from a."""
     out = {}
     for k, va in a.items():
         if va.is_floating_point():
-            out[k] = (va.float() * wa + b[k].float() * wb).to(va.dtype)
+            acc = torch.promote_types(va.dtype, torch.float32)  # upcast fp16/bf16, keep float64
+            out[k] = (va.to(acc) * wa + b[k].to(acc) * wb).to(va.dtype)
         else:
             out[k] = va.clone()
     return out
