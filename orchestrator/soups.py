@@ -89,9 +89,10 @@ def greedy_soup(
     if accept not in (">=", ">"):
         raise ValueError(f"accept must be '>=' or '>', got {accept!r}")
     better = (lambda s, b: s >= b) if accept == ">=" else (lambda s, b: s > b)
-    soup = load(ranked[0])
-    best = score(soup) if first_score is None else first_score
-    result = GreedySoup(state=soup, score=best, kept=[ranked[0]], steps=[GreedyStep(ranked[0], best, True)])
+    first = load(ranked[0])
+    best = score(first) if first_score is None else first_score
+    result = GreedySoup(state=first, score=best, kept=[ranked[0]], steps=[GreedyStep(ranked[0], best, True)])
+    del first  # the soup lives in `result` only: at most soup + candidate + one ingredient in memory
     for ingredient in ranked[1:]:
         new = load(ingredient)
         check_compatible(result.state, new)
