@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
+
+import pyarrow.fs as pafs
 
 from orchestrator.config import search_space
 from orchestrator.errors import UserError
@@ -33,7 +36,8 @@ def connect(address: str | None) -> dict[str, Any]:
 
     if not ray.is_initialized():
         try:
-            ray.init(address=address or None, include_dashboard=False, log_to_driver=True,
+            # "local": a fresh Ray on this machine, as documented, never a stale `ray start` cluster
+            ray.init(address=address or "local", include_dashboard=False, log_to_driver=True,
                      configure_logging=True, logging_level="WARNING")
         except (ConnectionError, RuntimeError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -47,27 +51,67 @@ def storage_path(storage: str) -> str:
     return storage if "://" in storage else os.path.abspath(storage)
 
 
-def run(cfg: dict[str, Any], ctx: SweepContext, data: TaskData, storage: str, name: str):
-    """Fan the trials out with Ray Tune; returns the ResultGrid."""
+def storage_fs(storage: str) -> tuple[pafs.FileSystem, str]:
+    """Tune storage as (filesystem, path): a folder, or any pyarrow URI, query options included
+    (s3://bucket/tune?endpoint_override=host:port&scheme=http)."""
+    if "://" not in storage:
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(storage))
+    try:
+        return pafs.FileSystem.from_uri(storage)
+    except (ValueError, OSError) as e:  # ArrowInvalid is a ValueError
+        raise UserError(f"storage {storage}: cannot open: {e}") from None
+
+
+def run_name(sweep: str, started: str) -> str:
+    return f"{sweep}-{started}"
+
+
+def latest_run(storage: str, sweep: str) -> str | None:
+    """Path (within the storage filesystem) of this sweep's newest restorable Tune run, if any."""
+    from ray import tune
+
+    fs, root = storage_fs(storage)
+    pattern = re.compile(re.escape(run_name(sweep, "")) + r"\d{8}-\d{6}")
+    try:
+        found = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError as e:
+        raise UserError(f"storage {storage}: cannot list: {e}") from None
+    names = sorted(i.base_name for i in found if i.type == pafs.FileType.Directory and pattern.fullmatch(i.base_name))
+    for name in reversed(names):  # timestamps sort by time
+        if tune.Tuner.can_restore(f"{root}/{name}", storage_filesystem=fs):
+            return f"{root}/{name}"
+    return None
+
+
+def run(cfg: dict[str, Any], ctx: SweepContext, data: TaskData, storage: str, name: str,
+        resume: str | None = None):
+    """Fan the trials out with Ray Tune, or continue the interrupted run at `resume`
+    (finished trials stay finished; unfinished and errored ones resume from their last
+    checkpoint); returns the ResultGrid."""
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     resources = {"cpu": cfg["resources"]["cpu"], "gpu": cfg["resources"]["gpu"]}
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx, data=data), resources)
+    fs, root = storage_fs(storage)
+    if resume:
+        return tune.Tuner.restore(resume, trainable, resume_errored=True, storage_filesystem=fs).fit()
     tuner = tune.Tuner(
         trainable,
         param_space=search_space(cfg["hyperparameters"]),
         tune_config=tune.TuneConfig(
             metric="val_acc", mode="max",
             num_samples=cfg["num_samples"],
-            search_alg=BasicVariantGenerator(random_state=cfg["search_seed"]),
-            max_concurrent_trials=cfg["max_concurrent_trials"] or None,
+            # the cap goes on the generator: Tune ignores max_concurrent_trials with an explicit one
+            search_alg=BasicVariantGenerator(random_state=cfg["search_seed"],
+                                             max_concurrent=cfg["max_concurrent_trials"]),
             reuse_actors=True,  # ~0.5 s instead of ~2 s to start each trial
             trial_dirname_creator=lambda t: t.trial_id,
         ),
         run_config=tune.RunConfig(
             name=name,
-            storage_path=storage_path(storage),
+            storage_path=root,
+            storage_filesystem=fs,
             failure_config=tune.FailureConfig(max_failures=cfg["max_failures"]),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             verbose=1,

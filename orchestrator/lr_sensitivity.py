@@ -135,13 +135,15 @@ def validate(raw: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
                f"each LR must be a number > 0, got {lr!r}")
     grid["lrs"] = [float(lr) for lr in grid["lrs"]]
     for seed in grid["seeds"]:
-        _check(isinstance(seed, int) and not isinstance(seed, bool), source, "grid.seeds", f"each seed must be an integer, got {seed!r}")
+        _check(isinstance(seed, int) and not isinstance(seed, bool), source, "grid.seeds",
+               f"each seed must be an integer, got {seed!r}")
     for name in grid["interventions"]:
         _check(name in cfg["interventions"], source, "grid.interventions",
                f"unknown intervention {name!r} (defined: {', '.join(cfg['interventions'])})")
         head_dim = {**cfg["settings"], **cfg["interventions"][name]}["head_dim"]
         for w in grid["widths"]:
-            _check(w % head_dim == 0, source, "grid.widths", f"width {w} is not a multiple of head_dim {head_dim} ({name})")
+            _check(w % head_dim == 0, source, "grid.widths",
+                   f"width {w} is not a multiple of head_dim {head_dim} ({name})")
     target, head_dim = cfg["analysis"]["target_width"], cfg["settings"]["head_dim"]
     _check(target >= 1 and target % head_dim == 0, source, "analysis.target_width",
            f"must be a positive multiple of settings.head_dim={head_dim}, got {target}")
@@ -149,7 +151,8 @@ def validate(raw: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
     _check(cfg["max_failures"] >= 0, source, "max_failures", "must be >= 0")
     _check(cfg["checkpoint_every"] >= 0, source, "checkpoint_every", "must be >= 0")
     for key, value in cfg["resources"].items():
-        _check(isinstance(value, (int, float)) and value >= 0, source, f"resources.{key}", f"must be >= 0, got {value!r}")
+        _check(isinstance(value, (int, float)) and value >= 0, source, f"resources.{key}",
+               f"must be >= 0, got {value!r}")
     cfg.pop("presets")
     return cfg
 
@@ -173,10 +176,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default="default", help="a preset of the YAML: default or quick (default: default)")
     add_common_flags(p, default_pool="pool")
     p.add_argument("--target-width", type=int, default=None,
-                   help="width to extrapolate the optimal LR and the attention-logit forecast to (analysis.target_width)")
+                   help="width to extrapolate the optimal LR and the attention-logit forecast to "
+                        "(analysis.target_width)")
     p.add_argument("--skip-train", action="store_true", help="analyse the proxy runs already in the pool")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides with dotted keys and YAML values, e.g. settings.steps=400 grid.seeds='[0, 1]'")
+                   help="config overrides with dotted keys and YAML values, "
+                        "e.g. settings.steps=400 grid.seeds='[0, 1]'")
     return p.parse_args(argv)
 
 
@@ -185,9 +190,10 @@ def study(args: argparse.Namespace) -> int:
     if args.target_width is not None:
         overrides.append(f"analysis.target_width={args.target_width}")
     cfg = load_config(args.config, args.preset, overrides)
+    data = None if args.skip_train else read_corpus(cfg)  # a bad corpus fails before anything is created
+    pool = Pool(args.pool, create=not args.skip_train)
     uri = tracking.resolve_uri(args.tracking_uri)
     exp = tracking.experiment_id(uri, cfg["study"])  # fails fast on an unreachable store
-    pool = Pool(args.pool, create=not args.skip_train)
     started = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     t0 = time.time()
     grid = cfg["grid"]
@@ -202,7 +208,7 @@ def study(args: argparse.Namespace) -> int:
     status = "FAILED"
     try:
         if not args.skip_train:
-            train(args, cfg, pool, uri, exp, parent, started, n_runs)
+            train(args, cfg, data, pool, uri, exp, parent, started, n_runs)
         train_s = time.time() - t0
         results = analyse(cfg, pool)
         report(cfg, results, pool, uri, parent, train_s, time.time() - t0, args.skip_train)
@@ -212,16 +218,21 @@ def study(args: argparse.Namespace) -> int:
     return 0
 
 
-def train(args, cfg, pool: Pool, uri: str, exp: str, parent: str, started: str, n_runs: int) -> None:
-    from ray import tune
-
-    from orchestrator import fanout
+def read_corpus(cfg: dict[str, Any]):
     from orchestrator.proxy_data import load_corpus
-    from orchestrator.proxy_trial import ProxyContext, run_proxy_trial
 
     data = load_corpus(**cfg["data"], min_bytes=cfg["settings"]["seq_len"] * 4)
     print(f"corpus: {data.source}, {data.documents} documents, {len(data.train) / 1e6:.1f} MB train, "
           f"{len(data.val) / 1e6:.1f} MB validation", flush=True)
+    return data
+
+
+def train(args, cfg, data, pool: Pool, uri: str, exp: str, parent: str, started: str, n_runs: int) -> None:
+    from ray import tune
+
+    from orchestrator import fanout
+    from orchestrator.proxy_trial import ProxyContext, run_proxy_trial
+
     size = fanout.connect(args.address)
     tracking.log_params(uri, parent, size)
     print(f"Ray: {size['ray_nodes']} node(s), {size['ray_cpus']:g} CPUs; running {n_runs} proxy runs", flush=True)
@@ -234,6 +245,7 @@ def train(args, cfg, pool: Pool, uri: str, exp: str, parent: str, started: str, 
                        checkpoint_every=cfg["checkpoint_every"])
     # one checkpoint per finished run is the design here, not a bottleneck worth a warning per trial
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    storage_fs, storage_root = fanout.storage_fs(args.storage)
     space = search_space({"intervention": {"grid": grid["interventions"]}, "width": {"grid": grid["widths"]},
                           "lr": {"grid": grid["lrs"]}, "seed": {"grid": grid["seeds"]}})
     tuner = tune.Tuner(
@@ -246,7 +258,8 @@ def train(args, cfg, pool: Pool, uri: str, exp: str, parent: str, started: str, 
         ),
         run_config=tune.RunConfig(
             name=f"{cfg['study']}-{started}",
-            storage_path=fanout.storage_path(args.storage),
+            storage_path=storage_root,
+            storage_filesystem=storage_fs,  # a folder or any pyarrow URI, as in soup_sweep
             failure_config=tune.FailureConfig(max_failures=cfg["max_failures"]),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=[progress_callback(n_runs)],
@@ -279,7 +292,8 @@ def progress_callback(total: int):
             else:
                 outcome = f"val loss {r['final_loss']:.3f}" if "final_loss" in r else "no result"
             logit = f", max attn logit {r['attn_logit_peak']:.3g}" if "attn_logit_peak" in r else ""
-            print(f"[{self.done}/{total} {time.time() - self.t0:4.0f}s] {c['intervention']:>20s} width {c['width']:<4d} "
+            print(f"[{self.done}/{total} {time.time() - self.t0:4.0f}s] {c['intervention']:>20s} "
+                  f"width {c['width']:<4d} "
                   f"lr {c['lr']:<7g} seed {c['seed']}: {outcome}{logit}", flush=True)
 
     return Progress()
@@ -341,14 +355,18 @@ def report(cfg, results: dict[str, Any], pool: Pool, uri: str, parent: str, trai
            "init_loss": "{:.3f}", "max_attn_logit": "{:.3g}", "slope": "{:+.2f}", "intercept": "{:.2f}",
            "predicted_lr": "{:.1e}", "log10_lr_std": "{:.2f}", "largest_measured": "{:.3g}", "forecast": "{:.3g}",
            "lr": "{:g}"}
-    show = lambda df: df.to_string(index=False, formatters={k: v.format for k, v in fmt.items() if k in df})  # noqa: E731
+
+    def show(df: pd.DataFrame) -> str:
+        return df.to_string(index=False, formatters={k: v.format for k, v in fmt.items() if k in df})
+
     print(f"\nLR sensitivity (final validation loss; a diverged run counts as loss_0):\n{show(table)}")
     print(f"\nLR transfer: log optimal LR vs log width, predicted at width {results['target_width']}:\n"
           f"{show(transfer.drop(columns=['target_width']))}")
     flagged = forecast[forecast["flag"]]
     print(f"\nMax attention logit at step {cfg['settings']['probe_step']} vs parameter count, forecast at "
           f"{results['target_params']:,} parameters (width {results['target_width']}); "
-          f"{len(flagged)} (intervention, LR) pairs above {threshold:g}:\n{show(forecast.drop(columns=['target_params']))}")
+          f"{len(flagged)} (intervention, LR) pairs above {threshold:g}:\n"
+          f"{show(forecast.drop(columns=['target_params']))}")
     n, expected = len(results["runs"]), results["expected_runs"]
     print(f"\n{n}/{expected} runs analysed, {int(results['runs']['diverged'].sum())} diverged; "
           f"{'analysis only' if skip_train else f'trained in {train_s:.0f} s'}, finished in {total_s:.0f} s")

@@ -15,6 +15,7 @@ so every row's file exists unless something outside the pool removed it.
 
     python -m orchestrator.pool show   --pool URI
     python -m orchestrator.pool verify --pool URI   # re-hash every file, exit 1 on problems
+    python -m orchestrator.pool sync-mlflow --pool URI --tracking-uri URI  # replay into MLflow
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 
 class Pool:
     def __init__(self, uri: str, create: bool = False):
-        self.uri = uri
         self.fs, self.root = _resolve(uri)
+        self.uri = uri if "://" in uri else self.root  # absolute: trials run in their own folders
         marker = f"{self.root}/pool.json"
         try:
             info = self.fs.get_file_info(marker)
@@ -227,8 +228,12 @@ def main(argv: Iterable[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m orchestrator.pool", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["show", "verify"], help="show the manifest, or re-hash every weights file")
+    parser.add_argument("command", choices=["show", "verify", "sync-mlflow"],
+                        help="show the manifest; re-hash every weights file; or replay the trials and soups "
+                             "MLflow lacks (after the server was unreachable during a sweep)")
     parser.add_argument("--pool", default="pool", help="pool folder or URI (default: ./pool)")
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                        help="sync-mlflow: the MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///$PWD/mlflow.db)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
 
@@ -236,6 +241,14 @@ def main(argv: Iterable[str] | None = None) -> int:
         pool = Pool(args.pool)
         if args.command == "show":
             _show(pool)
+            return 0
+        if args.command == "sync-mlflow":
+            from orchestrator import tracking
+
+            uri = tracking.resolve_uri(args.tracking_uri)
+            tracking.check_reachable(uri)
+            added, present = tracking.replay_pool(pool, uri)
+            print(f"{uri}: replayed {added} ingredients from {pool.uri}; {present} were already there")
             return 0
         problems = pool.verify()
         for p in problems:

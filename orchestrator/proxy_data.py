@@ -91,7 +91,8 @@ def load_corpus(source: str = "stdlib", column: str = "text", val_fraction: floa
         try:
             texts = pq.read_table(source, columns=[column]).column(column).to_pylist()
         except (KeyError, ValueError) as e:
-            raise ConfigError(f"data.column: {source} has no column {column!r} ({str(e).splitlines()[0][:120]})") from None
+            first = str(e).splitlines()[0][:120]
+            raise ConfigError(f"data.column: {source} has no column {column!r} ({first})") from None
         docs = [(f"row-{i}", (t if isinstance(t, str) else str(t)).encode()) for i, t in enumerate(texts) if t]
         train, val = _split_documents(docs, val_fraction, max_mb)
         files = texts

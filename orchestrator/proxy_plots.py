@@ -48,7 +48,10 @@ def loss_vs_lr(per_lr: pd.DataFrame, path: str, title: str) -> str:
         ax.set_title(name)
         ax.set_xlabel("peak learning rate")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("final validation loss (x = diverged, at loss_0)")
+    if per_lr["loss"].notna().all():  # nothing diverged: zoom on the curves rather than up to loss_0
+        lo, hi = per_lr["loss"].min(), per_lr["loss"].max()
+        axes[0].set_ylim(lo - 0.05 * (hi - lo) - 0.01, hi + 0.1 * (hi - lo) + 0.01)
+    axes[0].set_ylabel("final val. loss (x: diverged, at loss_0)")
     axes[0].legend(fontsize=8)
     return _save(fig, path)
 

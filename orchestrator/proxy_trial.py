@@ -5,7 +5,8 @@ Every `log_every` steps (and at the last step) the run records: training loss (m
 since the last record), max attention logit per layer on a fixed probe batch, mean
 log Z of the output logits on that batch, the global gradient norm before clipping,
 and for the token embedding ("embed") and block 0's first MLP layer ("mlp0") the
-gradient RMS, the update RMS and the StableAdamW RMS_t = sqrt(mean(g^2 / max(u, eps^2))).
+gradient RMS (after clipping: what AdamW sees), the update RMS and the StableAdamW
+RMS_t = sqrt(mean(g^2 / max(u, eps^2))), u the bias-corrected second moment.
 
 A run whose loss turns NaN/inf, or whose logged training loss is above
 diverge_factor * loss_0 after warmup, stops and is recorded as diverged. Exactly-once
@@ -14,6 +15,7 @@ in the pool, as in trial.py: the ingredient id is the Tune trial id.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -76,8 +78,8 @@ class ProxyRun:
         self.s, self.width, self.lr, self.data, self.diagnostics = settings, width, lr, data, diagnostics
         torch.manual_seed(seed)
         self.model = ProxyLM(model_config(settings, width))
-        self.opt = torch.optim.AdamW(param_groups(self.model, lr, settings["weight_decay"], settings["weight_decay_mode"]),
-                                     betas=(settings["beta1"], settings["beta2"]), eps=settings["eps"])
+        groups = param_groups(self.model, lr, settings["weight_decay"], settings["weight_decay_mode"])
+        self.opt = torch.optim.AdamW(groups, betas=(settings["beta1"], settings["beta2"]), eps=settings["eps"])
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda t: lr_schedule(t, settings["warmup_steps"], settings["steps"], settings["lr_floor"]))
         self.gen = torch.Generator().manual_seed(seed)
@@ -206,6 +208,8 @@ def finite(metrics: dict[str, float]) -> dict[str, float]:
 def run_proxy_trial(hp: dict[str, Any], ctx: ProxyContext, data: ByteCorpus) -> None:
     from ray import tune
 
+    # Ray logs a line per saved checkpoint: noise across ~100 short trials
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     torch.set_num_threads(max(1, ctx.cpus_per_trial))
     trial_id = tune.get_context().get_trial_id()
     settings = {**ctx.settings, **ctx.interventions[hp["intervention"]]}

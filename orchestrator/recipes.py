@@ -48,8 +48,12 @@ class Kitchen:
         trials = df[(df["kind"] == "trial") & (df["task"] == task.name)]
         if sweep is not None:
             trials = trials[trials["sweep"] == sweep]
-        usable = []
+        usable, seen = [], {}
         for row in trials.to_dict("records"):
+            if row["sha256"] and row["sha256"] in seen:  # e.g. the same sweep run twice: same seeds, same weights
+                log.warning("skipping ingredient %s: same weights as %s", row["id"], seen[row["sha256"]])
+                continue
+            seen.setdefault(row["sha256"], row["id"])
             if row["status"] != "ok":
                 log.warning("skipping ingredient %s: status %s", row["id"], row["status"])
             elif row["arch"] != self.arch:
@@ -170,10 +174,15 @@ def wise_ft(k: Kitchen, cooked: dict[str, Dish]) -> list[Dish]:
     return dishes
 
 
-def cook(kitchen: Kitchen, names: list[str] | None = None) -> list[Dish]:
-    """Cook the named recipes (default: all, in registry order)."""
+def check_cookable(kitchen: Kitchen) -> None:
+    """At least one ingredient survives the checks (status, architecture, sha256)."""
     if not kitchen.loadable():
         raise PoolError(f"{kitchen.pool.uri}: no usable trial ingredients to cook from")
+
+
+def cook(kitchen: Kitchen, names: list[str] | None = None) -> list[Dish]:
+    """Cook the named recipes (default: all, in registry order)."""
+    check_cookable(kitchen)
     cooked: dict[str, Dish] = {}
     dishes: list[Dish] = []
     for name in names or list(RECIPES):

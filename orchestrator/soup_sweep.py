@@ -3,6 +3,7 @@
     python -m orchestrator.soup_sweep                     # the embedded default, local Ray
     python -m orchestrator.soup_sweep --num-samples 32 soup.greedy_accept='>'
     python -m orchestrator.soup_sweep --skip-train        # re-cook soups from the pool
+    python -m orchestrator.soup_sweep --resume            # continue after the driver was killed
 
 Steps: load and validate the config; get the pretrained weights (cached in the pool);
 fan out the trials with Ray Tune (each lands in the pool and in MLflow); cook zero-shot,
@@ -26,8 +27,9 @@ import yaml
 from orchestrator import tracking
 from orchestrator.cli import add_common_flags, run_main
 from orchestrator.config import load_config, make_task, task_settings
+from orchestrator.errors import PoolError, UserError
 from orchestrator.pool import Pool, safe_id
-from orchestrator.recipes import Dish, Kitchen, cook
+from orchestrator.recipes import Dish, Kitchen, check_cookable, cook
 from orchestrator.tasks.base import Task, arch_fingerprint
 
 log = logging.getLogger("orchestrator")
@@ -39,7 +41,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default=None, help="search-space YAML (default: search_spaces/glyphs_soup.yaml)")
     p.add_argument("--num-samples", type=int, default=None, help="number of fine-tuning trials (overrides num_samples)")
     add_common_flags(p, default_pool="pool")
-    p.add_argument("--skip-train", action="store_true", help="cook and evaluate soups from the existing pool only")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--skip-train", action="store_true", help="cook and evaluate soups from the existing pool only")
+    mode.add_argument("--resume", action="store_true",
+                      help="continue this sweep's newest interrupted Tune run under --storage (Tuner.restore): "
+                           "finished trials are kept, unfinished ones resume from their last epoch checkpoint")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides with dotted keys and YAML values, e.g. task.width=48 soup.greedy_accept='>'")
     return p.parse_args(argv)
@@ -97,56 +103,78 @@ def sweep(args: argparse.Namespace) -> int:
     task = make_task(cfg)
     uri = tracking.resolve_uri(args.tracking_uri)
     tracking.check_reachable(uri)  # every input is checked before anything is written
+    resume = None
     if not args.skip_train:
-        from orchestrator.fanout import check_address
-        check_address(args.address)
+        from orchestrator import fanout
+        fanout.check_address(args.address)
+        fanout.storage_fs(args.storage)  # a malformed storage URI is an input error too
+        if args.resume:
+            resume = fanout.latest_run(args.storage, cfg["sweep"])
+            if resume is None:
+                raise UserError(f"--resume: no run of sweep {cfg['sweep']!r} to restore under {args.storage}")
     pool = Pool(args.pool, create=not args.skip_train)
+    pretrained_id = f"pretrained-{task.name}-{task.pretrain_key()}"
+    if args.skip_train and not pool.has(pretrained_id):
+        raise PoolError(f"{pool.uri}: no pretrained weights for task {task.name} ({pretrained_id}), "
+                        "so nothing to cook from; run a sweep without --skip-train first")
+    t0 = time.time()
+    pretrained = pool.get(pretrained_id) if args.skip_train else ensure_pretrained(pool, task, cfg["sweep"])
+    data = task.data()
+    kitchen = None
+    if args.skip_train:  # a pool with nothing to cook is an error before MLflow is touched
+        kitchen = Kitchen(pool, task, data, sweep=cfg["sweep"], settings=cfg["soup"])
+        check_cookable(kitchen)
     exp = tracking.experiment_id(uri, cfg["sweep"])
     started = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    t0 = time.time()
-
-    if args.skip_train:
-        pretrained = pool.get(f"pretrained-{task.name}-{task.pretrain_key()}")
-    else:
-        pretrained = ensure_pretrained(pool, task, cfg["sweep"])
-    data = task.data()
 
     parent = tracking.start_run(uri, exp, f"{cfg['sweep']}-{started}", "sweep",
                                 tags={tracking.SWEEP: cfg["sweep"], "orchestrator.pool": pool.uri},
-                                params={"pool": pool.uri, "skip_train": args.skip_train, "task": task.name,
+                                params={"pool": pool.uri, "skip_train": args.skip_train, "resumed": resume or "",
+                                        "task": task.name,
                                         "num_samples": cfg["num_samples"], "pretrained_id": pretrained["id"]})
     tracking.log_dict(uri, parent, yaml.safe_dump(cfg, sort_keys=False), "config.yaml")
-    status = "FAILED"
+    status, lost = "FAILED", None
     try:
         if not args.skip_train:
-            train(args, cfg, task, pool, pretrained, data, uri, exp, parent, started)
+            train(args, cfg, task, pool, pretrained, data, uri, exp, parent, started, resume)
         print("cooking soups from the pool ...", flush=True)
-        kitchen = Kitchen(pool, task, data, sweep=cfg["sweep"], settings=cfg["soup"])
+        kitchen = kitchen or Kitchen(pool, task, data, sweep=cfg["sweep"], settings=cfg["soup"])
         dishes = cook(kitchen)
         serve(dishes, cfg, pool, uri, exp, parent, input_shape=data.evals[data.val][0].shape[1:])
         report(cfg, kitchen, dishes, pool, uri, parent, t0)
         status = "FINISHED"
+    except Exception:
+        lost = tracking.unreachable(uri)
+        if lost:  # MLflow went away mid-sweep: the pool has every finished trial
+            raise UserError(f"tracking URI {uri}: {lost} during the sweep; finished trials are in the pool: "
+                            f"replay them with `python -m orchestrator.pool sync-mlflow --pool {pool.uri} "
+                            f"--tracking-uri {uri}`, then cook with --skip-train") from None
+        raise
     finally:
-        tracking.end_run(uri, parent, status)
+        if not lost:
+            tracking.end_run(uri, parent, status)
     return 0
 
 
-def train(args, cfg, task, pool, pretrained, data, uri, exp, parent, started) -> None:
+def train(args, cfg, task, pool, pretrained, data, uri, exp, parent, started, resume) -> None:
     from orchestrator import fanout
     from orchestrator.trial import SweepContext
 
     size = fanout.connect(args.address)
     tracking.log_params(uri, parent, size)
     print(f"Ray: {size['ray_nodes']} node(s), {size['ray_cpus']:g} CPUs, {size['ray_gpus']:g} GPUs; "
-          f"running {cfg['num_samples']} trials", flush=True)
+          + (f"resuming {resume}" if resume else f"running {cfg['num_samples']} trials"), flush=True)
     ctx = SweepContext(sweep=cfg["sweep"], task_name=task.name, task_settings=task_settings(cfg), pool_uri=pool.uri,
                        pretrained_id=pretrained["id"], tracking_uri=uri, experiment_id=exp, parent_run_id=parent,
                        cpus_per_trial=int(max(1, cfg["resources"]["cpu"])))
-    results = fanout.run(cfg, ctx, data, args.storage, name=f"{cfg['sweep']}-{started}")
+    results = fanout.run(cfg, ctx, data, args.storage, name=fanout.run_name(cfg["sweep"], started), resume=resume)
     for trial_id, error in fanout.errored_trial_ids(results):
         print(f"trial {trial_id} failed after {cfg['max_failures']} retries: {error}", file=sys.stderr)
         pool.add({"id": trial_id, "kind": "trial", "sweep": cfg["sweep"], "task": task.name, "status": "failed",
                   "metrics": {}, "hparams": {}, "parents": [pretrained["id"]]})
+    added, _ = tracking.replay_pool(pool, uri, sweep=cfg["sweep"], parent=parent)
+    if added:  # trials that could not reach MLflow (e.g. a server bound to the head's 127.0.0.1)
+        print(f"MLflow: logged {added} trial(s) from the pool that could not log themselves")
 
 
 def report(cfg, kitchen: Kitchen, dishes: list[Dish], pool: Pool, uri: str, parent: str, t0: float) -> None:

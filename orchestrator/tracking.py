@@ -21,7 +21,12 @@ from orchestrator.errors import UserError
 log = logging.getLogger(__name__)
 
 ROLE, RECIPE, TRIAL_ID, SWEEP = "orchestrator.role", "orchestrator.recipe", "orchestrator.trial_id", "orchestrator.sweep"
-PARENT = "mlflow.parentRunId"
+INGREDIENT, PARENT = "orchestrator.ingredient_id", "mlflow.parentRunId"
+
+# Trials give up on an unreachable server in seconds, not MLflow's default minutes of
+# retries: their results are in the pool either way (replayed with `pool sync-mlflow`).
+QUICK_FAIL_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -35,12 +40,12 @@ def resolve_uri(uri: str | None) -> str:
     return uri
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast, before anything is written, if the tracking store cannot be reached."""
+def unreachable(uri: str, timeout: float = 5.0) -> str | None:
+    """Why the tracking store cannot be reached, or None if it can (as far as a quick look tells)."""
     if uri.startswith("sqlite:///"):
         folder = os.path.dirname(uri[len("sqlite:///"):]) or "."
         if not os.path.isdir(folder):
-            raise UserError(f"tracking URI {uri}: folder {folder} does not exist")
+            return f"folder {folder} does not exist"
     elif uri.startswith(("http://", "https://")):
         import urllib.error
         import urllib.request
@@ -48,7 +53,15 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
         except (urllib.error.URLError, OSError) as e:
-            raise UserError(f"tracking URI {uri}: cannot reach the MLflow server ({getattr(e, 'reason', e)})") from None
+            return f"cannot reach the MLflow server ({getattr(e, 'reason', e)})"
+    return None
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, before anything is written, if the tracking store cannot be reached."""
+    problem = unreachable(uri, timeout)
+    if problem:
+        raise UserError(f"tracking URI {uri}: {problem}")
 
 
 def client(uri: str):
@@ -120,12 +133,9 @@ def log_file(uri: str, run_id: str, path: str, folder: str | None = None) -> Non
 
 def log_model(uri: str, run_id: str, weights, task_name: str, settings: dict[str, Any], input_shape) -> None:
     """Log souped weights as an MLflow pyfunc model: code + safetensors, no pickle."""
-    import warnings
-
     import mlflow
     from safetensors.torch import save_file
 
-    warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
     here = os.path.dirname(os.path.abspath(__file__))
     mlflow.set_tracking_uri(uri)
     with tempfile.TemporaryDirectory() as tmp:
@@ -175,3 +185,43 @@ class TrialTracker:
 
     def end(self, status: str = "FINISHED") -> None:
         self._call(end_run, status)
+
+
+def replay_pool(pool, uri: str, sweep: str | None = None, parent: str | None = None) -> tuple[int, int]:
+    """Log into MLflow the pool's trials and soups (of one sweep, or all) that MLflow lacks:
+    those whose trial could not reach the server (down, or on a node it is not reachable
+    from). Idempotent: a row whose ingredient id already tags a run is skipped. Replayed runs
+    nest under `parent`, else under a new `<sweep>-replayed` run. Returns (added, present)."""
+    df = pool.manifest()
+    df = df[df["kind"].isin(["trial", "soup"]) & ((df["sweep"] == sweep) if sweep else True)]
+    added, present, parents, known = 0, 0, {}, {}
+    for row in df.to_dict("records"):
+        exp = experiment_id(uri, row["sweep"] or "orchestrator")
+        if exp not in known:  # one search per experiment, not one per row
+            known[exp] = {r.data.tags.get(INGREDIENT) for r in client(uri).search_runs([exp], max_results=50000)}
+        if row["id"] in known[exp]:
+            present += 1
+            continue
+        if exp not in parents:
+            parents[exp] = parent or start_run(uri, exp, f"{row['sweep']}-replayed", "sweep",
+                                               tags={SWEEP: row["sweep"], "orchestrator.pool": pool.uri})
+        _replay_row(uri, exp, parents[exp], row)
+        added += 1
+    for run_id in parents.values():
+        if run_id != parent:
+            end_run(uri, run_id)
+    return added, present
+
+
+def _replay_row(uri: str, exp: str, parent: str, row: dict[str, Any]) -> None:
+    role = "trial" if row["kind"] == "trial" else "recipe"
+    tags = {INGREDIENT: row["id"], SWEEP: row["sweep"], "orchestrator.status": row["status"],
+            "orchestrator.replayed": "true"}
+    if role == "recipe":
+        tags[RECIPE] = row["hparams"].get("recipe", "")
+    run_id = start_run(uri, exp, f"{role}-{row['id']}", role, parent, tags=tags, params=row["hparams"])
+    for point in row["history"]:  # per-epoch metrics, as the trial would have logged them
+        log_metrics(uri, run_id, {k: v for k, v in point.items() if k != "epoch"}, step=int(point["epoch"]))
+    if not row["history"] and row["metrics"]:
+        log_metrics(uri, run_id, row["metrics"])
+    end_run(uri, run_id, "FINISHED" if row["status"] == "ok" else "FAILED")

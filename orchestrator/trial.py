@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -44,9 +45,15 @@ def run_trial(hp: dict[str, Any], ctx: SweepContext, data: TaskData) -> None:
     from orchestrator.tasks import TASKS
 
     torch.set_num_threads(max(1, ctx.cpus_per_trial))
+    for key, value in tracking.QUICK_FAIL_HTTP.items():  # a dead MLflow server must not stall training
+        os.environ.setdefault(key, value)
     trial_id = tune.get_context().get_trial_id()
     task: Task = TASKS[ctx.task_name](ctx.task_settings)
     pool = Pool(ctx.pool_uri)
+    if pool.has(trial_id) and pool.get(trial_id)["status"] != "failed":
+        # it finished, but its driver died before Tune recorded that (Tuner.restore): nothing to redo
+        tune.report({"val_acc": 0.0, **pool.get(trial_id)["metrics"], "ingredient_id": trial_id})
+        return
     pretrained = pool.load(ctx.pretrained_id)
     run = FineTune(task, data, pretrained, hp)
     mlflow = tracking.TrialTracker(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id,
@@ -57,6 +64,7 @@ def run_trial(hp: dict[str, Any], ctx: SweepContext, data: TaskData) -> None:
         with checkpoint.as_directory() as d:
             run.restore(load_file(os.path.join(d, "model.safetensors")),
                         torch.load(os.path.join(d, "train_state.pt"), weights_only=True))
+        print(f"trial {trial_id}: resuming after epoch {run.epoch} from its checkpoint")
 
     row = {"id": trial_id, "kind": "trial", "sweep": ctx.sweep, "task": task.name, "hparams": run.hp,
            "parents": [ctx.pretrained_id], "mlflow_run_id": mlflow.run_id or ""}
@@ -65,7 +73,7 @@ def run_trial(hp: dict[str, Any], ctx: SweepContext, data: TaskData) -> None:
         if not math.isfinite(loss):
             metrics = {"train_loss": loss, "diverged": 1.0}
             pool.add({**row, "status": "diverged", "arch": arch_fingerprint(pretrained), "metrics": metrics})
-            mlflow.tags({"orchestrator.status": "diverged"})
+            mlflow.tags({tracking.INGREDIENT: trial_id, "orchestrator.status": "diverged"})
             mlflow.end("FAILED")
             tune.report({**metrics, "epoch": run.epoch + 1, "val_acc": 0.0, "ingredient_id": trial_id})
             return
@@ -77,10 +85,28 @@ def run_trial(hp: dict[str, Any], ctx: SweepContext, data: TaskData) -> None:
             weights = run.weights()
             pool.add({**row, "status": "ok", "arch": arch_fingerprint(weights), "metrics": metrics,
                       "history": run.history}, weights)
-            mlflow.tags({"orchestrator.ingredient_id": trial_id, "orchestrator.status": "ok"})
+            mlflow.tags({tracking.INGREDIENT: trial_id, "orchestrator.status": "ok"})
             mlflow.end()
             report["ingredient_id"] = trial_id
         with tempfile.TemporaryDirectory() as d:
             save_file(run.weights(), os.path.join(d, "model.safetensors"))
             torch.save(run.state(), os.path.join(d, "train_state.pt"))
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
+        _test_crash(trial_id, run.epoch)
+
+
+def _test_crash(trial_id: str, epoch: int) -> None:
+    """Fault injection for the tests, off unless ORCHESTRATOR_TEST_CRASH=<epoch>:<raise|kill>:<folder>:
+    each trial then crashes once, right after that epoch's checkpoint (a marker file in
+    <folder> makes its retry carry on)."""
+    spec = os.environ.get("ORCHESTRATOR_TEST_CRASH")
+    if not spec:
+        return
+    at, how, folder = spec.split(":", 2)
+    marker = os.path.join(folder, trial_id)
+    if epoch != int(at) or os.path.exists(marker):
+        return
+    open(marker, "w").close()
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"test crash after epoch {epoch}")

@@ -47,3 +47,98 @@ def test_no_traceback_by_default_and_one_with_debug(tmp_path):
     assert quiet.returncode == 2 and "Traceback" not in quiet.stderr
     assert quiet.stderr.strip().splitlines() == ["error: " + quiet.stderr.strip().split("error: ", 1)[1]]
     assert loud.returncode == 2 and "Traceback" in loud.stderr
+
+
+# -- pools that cannot be cooked as they are -------------------------------------------------
+
+def tiny_pool(tmp_path, trials):
+    """A pool with (untrained) pretrained weights of the tiny task and the given trials:
+    {id: model width}; width 8 is the tiny task's own architecture."""
+    from orchestrator.config import load_config, make_task
+    from orchestrator.pool import Pool
+    from orchestrator.tasks.base import arch_fingerprint
+    from orchestrator.train import cpu_state
+    from tests.conftest import TINY_TASK
+
+    task = make_task(load_config(None, TINY_TASK))
+    pool = Pool(str(tmp_path / "pool"), create=True)
+    state = cpu_state(task.build_model())
+    pool.add({"id": f"pretrained-{task.name}-{task.pretrain_key()}", "kind": "pretrained", "task": task.name,
+              "status": "ok", "arch": arch_fingerprint(state)}, state)
+    for i, (trial_id, width) in enumerate(trials.items()):
+        other = make_task(load_config(None, [*TINY_TASK, f"task.width={width}"]))
+        weights = cpu_state(other.build_model())
+        pool.add({"id": trial_id, "kind": "trial", "sweep": "glyphs_soup", "task": task.name, "status": "ok",
+                  "arch": arch_fingerprint(weights), "metrics": {"val_acc": 0.5 + i / 10}}, weights)
+    return pool, task
+
+
+def test_a_pool_mixing_architectures_skips_the_odd_ones_naming_them(tmp_path, caplog):
+    from orchestrator.recipes import Kitchen
+
+    pool, task = tiny_pool(tmp_path, {"good-a": 8, "wide-b": 16, "good-c": 8})
+    kitchen = Kitchen(pool, task, data=None, sweep="glyphs_soup", settings={})
+    assert [r["id"] for r in kitchen.loadable()] == ["good-c", "good-a"]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith("skipping ingredient wide-b: architecture")
+
+
+def test_a_pool_of_only_other_architectures_is_a_clear_error(tmp_path, capsys, caplog):
+    from tests.conftest import TINY_TASK
+
+    tiny_pool(tmp_path, {"wide-a": 16, "narrow-b": 4})
+    code = soup_sweep.main(["--pool", str(tmp_path / "pool"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+                            "--skip-train", *TINY_TASK])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == [f"error: {tmp_path}/pool: no usable trial ingredients to cook from"]
+    skipped = sorted(r.getMessage().split(":")[0] for r in caplog.records if r.levelname == "WARNING")
+    assert skipped == ["skipping ingredient narrow-b", "skipping ingredient wide-a"]  # one warning each
+    assert not os.path.exists(tmp_path / "m.db")  # refused before MLflow was touched
+
+
+def test_corrupt_and_missing_weights_are_never_souped(tmp_path, caplog):
+    from orchestrator.recipes import Kitchen
+
+    pool, task = tiny_pool(tmp_path, {"ok-a": 8, "corrupt-b": 8, "missing-c": 8})
+    blob = tmp_path / "pool" / "weights" / "corrupt-b.safetensors"
+    blob.write_bytes(blob.read_bytes()[:-4] + b"\0\0\0\0")
+    os.remove(tmp_path / "pool" / "weights" / "missing-c.safetensors")
+    kitchen = Kitchen(pool, task, data=None, sweep="glyphs_soup", settings={})
+    assert [r["id"] for r in kitchen.loadable()] == ["ok-a"]
+    warnings = sorted(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "corrupt (sha256 mismatch" in warnings[0] and warnings[0].startswith("skipping ingredient corrupt-b")
+    assert "missing" in warnings[1] and warnings[1].startswith("skipping ingredient missing-c")
+
+
+def test_skip_train_on_an_empty_pool_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
+    from orchestrator.pool import Pool
+
+    Pool(str(tmp_path / "pool"), create=True)
+    code = soup_sweep.main(["--pool", str(tmp_path / "pool"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+                            "--skip-train"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "no pretrained weights for task glyphs" in err[0] and "run a sweep without --skip-train first" in err[0]
+    assert sorted(os.listdir(tmp_path)) == ["pool"] and sorted(os.listdir(tmp_path / "pool")) == ["pool.json"]
+
+
+def test_no_torch_load_without_weights_only_and_no_pickle_for_weights():
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "orchestrator")
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".py"):
+                with open(os.path.join(dirpath, name)) as f:
+                    text = f.read()
+                for call in text.split("torch.load(")[1:]:
+                    assert "weights_only=True" in call.split(")\n")[0], name
+                assert "import pickle" not in text and "torch.save(model" not in text, name
+
+
+def test_invalid_yaml_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.yaml").write_text("num_samples: [1, 2\nsweep: x\n")
+    code = soup_sweep.main(["--config", str(tmp_path / "bad.yaml")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {tmp_path}/bad.yaml") and "YAML" in err[0], err
+    assert os.listdir(tmp_path) == ["bad.yaml"]

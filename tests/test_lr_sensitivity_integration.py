@@ -1,6 +1,5 @@
 """A tiny LR-sensitivity study end to end on local Ray: pool rows, nested MLflow runs, CSV."""
 
-import io
 
 import pandas as pd
 import pytest
