@@ -47,10 +47,6 @@ def connect(address: str | None) -> dict[str, Any]:
             "ray_cpus": res.get("CPU", 0), "ray_gpus": res.get("GPU", 0)}
 
 
-def storage_path(storage: str) -> str:
-    return storage if "://" in storage else os.path.abspath(storage)
-
-
 def storage_fs(storage: str) -> tuple[pafs.FileSystem, str]:
     """Tune storage as (filesystem, path): a folder, or any pyarrow URI, query options included
     (s3://bucket/tune?endpoint_override=host:port&scheme=http)."""

@@ -239,7 +239,7 @@ def train(args, cfg, data, pool: Pool, uri: str, exp: str, parent: str, started:
     grid = cfg["grid"]
     ctx = ProxyContext(study=cfg["study"], study_keys={name: run_key(cfg, name) for name in cfg["interventions"]},
                        settings=cfg["settings"], interventions=cfg["interventions"],
-                       pool_uri=fanout.storage_path(pool.uri),  # absolute: each trial runs in its own folder
+                       pool_uri=pool.uri,  # absolute (Pool resolves local paths): each trial runs in its own folder
                        tracking_uri=uri, experiment_id=exp, parent_run_id=parent,
                        cpus_per_trial=int(max(1, cfg["resources"].get("cpu", 1))),
                        checkpoint_every=cfg["checkpoint_every"])

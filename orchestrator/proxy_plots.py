@@ -69,6 +69,16 @@ def sensitivity_vs_width(table: pd.DataFrame, path: str, title: str) -> str:
     return _save(fig, path)
 
 
+def _log_log_panel(ax, title: str, xlabel: str, threshold: float) -> None:
+    """Log-log axes with the divergence threshold (max attention logit 1e4) drawn in."""
+    ax.axhline(threshold, color="tab:red", ls="--", lw=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+
+
 def attn_logit_vs_lr(per_lr: pd.DataFrame, path: str, title: str, threshold: float) -> str:
     """Peak max attention logit over training against LR, one line per width."""
     interventions = sorted(per_lr["intervention"].unique())
@@ -78,12 +88,7 @@ def attn_logit_vs_lr(per_lr: pd.DataFrame, path: str, title: str, threshold: flo
     for ax, name in zip(axes, interventions):
         for w, g in per_lr[per_lr["intervention"] == name].groupby("width"):
             ax.plot(g["lr"], g["attn_logit_peak"], "-o", ms=4, color=colours[w], label=f"width {w}")
-        ax.axhline(threshold, color="tab:red", ls="--", lw=1)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_title(name)
-        ax.set_xlabel("peak learning rate")
-        ax.grid(alpha=0.3)
+        _log_log_panel(ax, name, "peak learning rate", threshold)
     axes[0].set_ylabel("max attention logit (peak over training)")
     axes[0].legend(fontsize=8)
     return _save(fig, path)
@@ -107,13 +112,8 @@ def attn_logit_forecast(per_lr: pd.DataFrame, forecast: pd.DataFrame, target_par
                 coef = np.polyfit(x, y, int(row["degree"].iloc[0]))
                 xs = np.linspace(x.min(), math.log10(target_params), 50)
                 ax.plot(10 ** xs, 10 ** np.polyval(coef, xs), "-", lw=1, color=colours[lr])
-        ax.axhline(threshold, color="tab:red", ls="--", lw=1)
         ax.axvline(target_params, color="gray", ls=":", lw=1)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_title(name)
-        ax.set_xlabel("parameters (dotted: target size)")
-        ax.grid(alpha=0.3)
+        _log_log_panel(ax, name, "parameters (dotted: target size)", threshold)
     axes[0].set_ylabel("max attention logit at the probe step")
     axes[0].legend(fontsize=7)
     return _save(fig, path)

@@ -39,10 +39,9 @@ class Kitchen:
         self.pool, self.task, self.data, self.settings = pool, task, data, settings
         self.model = task.build_model().to(device())
         df = pool.manifest()
-        key = task.pretrain_key()
-        pre = df[(df["kind"] == "pretrained") & (df["id"] == f"pretrained-{task.name}-{key}")]
+        pre = df[(df["kind"] == "pretrained") & (df["id"] == task.pretrained_id())]
         if pre.empty:
-            raise PoolError(f"{pool.uri}: no pretrained weights for task {task.name} (key {key})")
+            raise PoolError(f"{pool.uri}: no pretrained weights for task {task.name} ({task.pretrained_id()})")
         self.pretrained = pre.iloc[0].to_dict()
         self.arch = self.pretrained["arch"]
         trials = df[(df["kind"] == "trial") & (df["task"] == task.name)]

@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def ensure_pretrained(pool: Pool, task: Task, sweep: str) -> dict[str, Any]:
     """The shared starting weights, made once per pretraining settings and cached in the pool."""
-    pid = f"pretrained-{task.name}-{task.pretrain_key()}"
+    pid = task.pretrained_id()
     if pool.has(pid):
         print(f"pretrained weights: cached in the pool ({pid})")
         return pool.get(pid)
@@ -113,7 +113,7 @@ def sweep(args: argparse.Namespace) -> int:
             if resume is None:
                 raise UserError(f"--resume: no run of sweep {cfg['sweep']!r} to restore under {args.storage}")
     pool = Pool(args.pool, create=not args.skip_train)
-    pretrained_id = f"pretrained-{task.name}-{task.pretrain_key()}"
+    pretrained_id = task.pretrained_id()
     if args.skip_train and not pool.has(pretrained_id):
         raise PoolError(f"{pool.uri}: no pretrained weights for task {task.name} ({pretrained_id}), "
                         "so nothing to cook from; run a sweep without --skip-train first")

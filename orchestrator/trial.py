@@ -50,9 +50,10 @@ def run_trial(hp: dict[str, Any], ctx: SweepContext, data: TaskData) -> None:
     trial_id = tune.get_context().get_trial_id()
     task: Task = TASKS[ctx.task_name](ctx.task_settings)
     pool = Pool(ctx.pool_uri)
-    if pool.has(trial_id) and pool.get(trial_id)["status"] != "failed":
+    done = pool.get(trial_id) if pool.has(trial_id) else None
+    if done and done["status"] != "failed":
         # it finished, but its driver died before Tune recorded that (Tuner.restore): nothing to redo
-        tune.report({"val_acc": 0.0, **pool.get(trial_id)["metrics"], "ingredient_id": trial_id})
+        tune.report({"val_acc": 0.0, **done["metrics"], "ingredient_id": trial_id})
         return
     pretrained = pool.load(ctx.pretrained_id)
     run = FineTune(task, data, pretrained, hp)
@@ -81,15 +82,15 @@ def run_trial(hp: dict[str, Any], ctx: SweepContext, data: TaskData) -> None:
         run.history.append({"epoch": run.epoch, **metrics})
         mlflow.metrics(metrics, step=run.epoch)
         report = {**metrics, "epoch": run.epoch, "diverged": 0.0}
+        weights = run.weights()
         if run.done:  # final epoch: publish to the pool before the last report
-            weights = run.weights()
             pool.add({**row, "status": "ok", "arch": arch_fingerprint(weights), "metrics": metrics,
                       "history": run.history}, weights)
             mlflow.tags({tracking.INGREDIENT: trial_id, "orchestrator.status": "ok"})
             mlflow.end()
             report["ingredient_id"] = trial_id
         with tempfile.TemporaryDirectory() as d:
-            save_file(run.weights(), os.path.join(d, "model.safetensors"))
+            save_file(weights, os.path.join(d, "model.safetensors"))
             torch.save(run.state(), os.path.join(d, "train_state.pt"))
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
         _test_crash(trial_id, run.epoch)

@@ -63,7 +63,7 @@ def tiny_pool(tmp_path, trials):
     task = make_task(load_config(None, TINY_TASK))
     pool = Pool(str(tmp_path / "pool"), create=True)
     state = cpu_state(task.build_model())
-    pool.add({"id": f"pretrained-{task.name}-{task.pretrain_key()}", "kind": "pretrained", "task": task.name,
+    pool.add({"id": task.pretrained_id(), "kind": "pretrained", "task": task.name,
               "status": "ok", "arch": arch_fingerprint(state)}, state)
     for i, (trial_id, width) in enumerate(trials.items()):
         other = make_task(load_config(None, [*TINY_TASK, f"task.width={width}"]))

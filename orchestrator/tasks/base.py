@@ -62,6 +62,10 @@ class Task(ABC):
 
     pretrain_settings: ClassVar[tuple[str, ...]] = ()
 
+    def pretrained_id(self) -> str:
+        """The pool id of this task's pretrained weights (cached per pretraining settings)."""
+        return f"pretrained-{self.name}-{self.pretrain_key()}"
+
     def pretrain_key(self) -> str:
         """Hash of everything that determines the pretrained weights."""
         keyed = {k: self.settings[k] for k in self.pretrain_settings}
