@@ -17,7 +17,7 @@ import yaml
 
 from orchestrator.errors import ConfigError
 from orchestrator.tasks import TASKS
-from orchestrator.train import HPARAMS
+from orchestrator.train import HPARAMS, PRECISIONS
 
 DEFAULTS: dict[str, Any] = {
     "sweep": "glyphs_soup",
@@ -26,11 +26,13 @@ DEFAULTS: dict[str, Any] = {
     "search_seed": 0,  # seeds the random search, so a sweep samples the same trials again
     "max_concurrent_trials": 0,  # 0 = as many as the cluster's resources allow
     "max_failures": 2,  # retries per crashed trial (each resumes from its last epoch checkpoint)
-    "resources": {"cpu": 1, "gpu": 0},
+    "resources": {"cpu": 1.0, "gpu": 0.0, "workers": 1},  # per worker; workers > 1: data-parallel Ray Train
+    "precision": "auto",  # auto: bf16 autocast on GPUs that support it, fp32 elsewhere; or fp32, bf16
     "hyperparameters": {},  # name -> constant or distribution; see DISTRIBUTIONS
     "soup": {
         "greedy_accept": ">=",  # the paper's rule; ">" is the reference code's
         "wise_ft_alphas": [round(0.1 * i, 1) for i in range(11)],
+        "bn_batches": 8,  # training batches that re-estimate BatchNorm statistics of a soup
     },
 }
 
@@ -111,6 +113,12 @@ def validate(raw: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
     for key, value in cfg["resources"].items():
         if not _is_number(value) or value < 0:
             raise ConfigError(f"{source}: resources.{key}: must be a number >= 0, got {value!r}")
+    if not isinstance(cfg["resources"]["workers"], int) or cfg["resources"]["workers"] < 1:
+        raise ConfigError(f"{source}: resources.workers: must be an integer >= 1, got {cfg['resources']['workers']!r}")
+    if cfg["resources"]["workers"] > 1 and 0 < cfg["resources"]["gpu"] < 1:
+        raise ConfigError(f"{source}: resources.gpu: data-parallel workers need whole GPUs, got {cfg['resources']['gpu']}")
+    if cfg["precision"] not in PRECISIONS:
+        raise ConfigError(f"{source}: precision: must be one of {', '.join(PRECISIONS)}, got {cfg['precision']!r}")
     if cfg["soup"]["greedy_accept"] not in (">=", ">"):
         raise ConfigError(f"{source}: soup.greedy_accept: must be '>=' or '>', got {cfg['soup']['greedy_accept']!r}")
     for a in cfg["soup"]["wise_ft_alphas"]:
@@ -118,6 +126,10 @@ def validate(raw: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
             raise ConfigError(f"{source}: soup.wise_ft_alphas: each alpha must be a number in [0, 1], got {a!r}")
     for name, spec in cfg["hyperparameters"].items():
         check_hparam(name, spec, HPARAMS, source)
+    mixup = cfg["hyperparameters"].get("mixup", 0)
+    if not TASKS[task["name"]].supports_mixup and mixup != 0:
+        raise ConfigError(f"{source}: hyperparameters.mixup: task {task['name']} has discrete inputs, "
+                          f"so mixup must be 0 (got {mixup!r})")
     return cfg
 
 
@@ -125,7 +137,7 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-FREE_FORM = ("task", "hyperparameters", "resources")
+FREE_FORM = ("task", "hyperparameters", "evals")  # mappings of user-chosen names
 
 
 def merge(defaults: dict, given: dict, source: str, prefix: str = "", free_form=FREE_FORM) -> dict:

@@ -87,7 +87,9 @@ def run(cfg: dict[str, Any], ctx: SweepContext, data: TaskData, storage: str, na
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    resources = {"cpu": cfg["resources"]["cpu"], "gpu": cfg["resources"]["gpu"]}
+    res = cfg["resources"]
+    # a data-parallel trial only waits on its Ray Train workers, which ask for the resources
+    resources = {"cpu": res["cpu"], "gpu": res["gpu"]} if res["workers"] == 1 else {"cpu": 0.01}
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx, data=data), resources)
     fs, root = storage_fs(storage)
     if resume:

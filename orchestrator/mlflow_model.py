@@ -4,11 +4,10 @@ MLflow stores this file and a safetensors weights file, never a pickle. Loading
 rebuilds the task's architecture from `model_config` and reads the weights:
 
     model = mlflow.pyfunc.load_model("runs:/<run id>/model")
-    logits = model.predict(inputs)  # array of shape (N, *input_shape) -> (N, n_labels) logits
+    logits = model.predict(inputs)  # raw inputs (see the task's serve_inputs) -> (N, n_labels) logits
 """
 
 import mlflow
-import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -19,13 +18,12 @@ class SoupModel(mlflow.pyfunc.PythonModel):
 
         cfg = context.model_config
         self.task = TASKS[cfg["task"]](cfg["settings"])
-        self.input_shape = tuple(cfg["input_shape"])
         self.model = self.task.build_model()
         self.model.load_state_dict(load_file(context.artifacts["weights"]))
         self.model.eval()
 
     def predict(self, context, model_input, params=None):
-        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32)).reshape(-1, *self.input_shape)
+        x = self.task.serve_inputs(model_input)
         with torch.no_grad():
             return self.task.logits(self.model, x).numpy()
 

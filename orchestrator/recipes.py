@@ -16,7 +16,8 @@ from orchestrator import soups
 from orchestrator.errors import PoolError
 from orchestrator.pool import Pool
 from orchestrator.tasks.base import StateDict, Task, TaskData, arch_fingerprint
-from orchestrator.train import accuracy, device, load_into, predict_logits, summarize
+from orchestrator.train import (accuracy, batchnorm_buffers, device, load_into, predict_logits, recompute_batchnorm,
+                                summarize)
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +36,12 @@ class Dish:
 class Kitchen:
     """What recipes share: usable ingredients (best first), weight loading and evaluation."""
 
-    def __init__(self, pool: Pool, task: Task, data: TaskData, sweep: str | None, settings: dict[str, Any]):
-        self.pool, self.task, self.data, self.settings = pool, task, data, settings
-        self.model = task.build_model().to(device())
+    def __init__(self, pool: Pool, task: Task, data: TaskData, sweep: str | None, settings: dict[str, Any],
+                 precision: str = "auto"):
+        self.pool, self.task, self.data, self.settings, self.precision = pool, task, data, settings, precision
+        self.device = device()  # soups are mixed and evaluated on the GPU when there is one
+        self.model = task.build_model().to(self.device)
+        self.bn_buffers = batchnorm_buffers(self.model)
         df = pool.manifest()
         pre = df[(df["kind"] == "pretrained") & (df["id"] == task.pretrained_id())]
         if pre.empty:
@@ -79,14 +83,23 @@ class Kitchen:
         state = self.pool.load(row)
         if arch_fingerprint(state) != self.arch:
             raise ValueError(f"ingredient {row['id']}: weights do not match its architecture fingerprint")
-        return state
+        return {k: v.to(self.device) for k, v in state.items()}
 
-    def evaluate(self, state: StateDict, sets: list[str] | None = None) -> dict[str, float]:
+    def evaluate(self, state: StateDict, sets: list[str] | None = None, soup: bool = True) -> dict[str, float]:
+        """Accuracy on the named eval sets (default all). Averaged weights (`soup`) of a model
+        with BatchNorm get fresh running statistics from a few training batches first."""
         load_into(self.model, state)
+        if soup and self.bn_buffers:
+            recompute_batchnorm(self.task, self.model, self.data.train, self.settings["bn_batches"],
+                                precision=self.precision)
+            fresh = self.model.state_dict()
+            state.update({k: fresh[k].detach().clone() for k in self.bn_buffers})  # the soup keeps its statistics
         names = sets or list(self.data.evals)
-        acc = {n: accuracy(predict_logits(self.task, self.model, self.data.evals[n][0]), self.data.evals[n][1])
-               for n in names}
+        acc = {n: accuracy(self.logits(n), self.data.evals[n].labels) for n in names}
         return summarize(acc, self.data)
+
+    def logits(self, eval_set: str):
+        return predict_logits(self.task, self.model, self.data.evals[eval_set], precision=self.precision)
 
     def val_acc(self, state: StateDict) -> float:
         return self.evaluate(state, [self.data.val])["val_acc"]
@@ -106,7 +119,7 @@ def recipe(name: str) -> Callable[[Recipe], Recipe]:
 @recipe("zero_shot")
 def zero_shot(k: Kitchen, cooked: dict[str, Dish]) -> list[Dish]:
     state = k.load(k.pretrained)
-    return [Dish("zero_shot", "zero-shot", k.evaluate(state), [k.pretrained["id"]], weights=None)]
+    return [Dish("zero_shot", "zero-shot", k.evaluate(state, soup=False), [k.pretrained["id"]], weights=None)]
 
 
 @recipe("best_individual")
@@ -142,10 +155,10 @@ def ensemble(k: Kitchen, cooked: dict[str, Dish]) -> list[Dish]:
 
     def member_logits(row):
         load_into(k.model, k.load(row))
-        return {n: predict_logits(k.task, k.model, x) for n, (x, _) in k.data.evals.items()}
+        return {n: k.logits(n) for n in k.data.evals}
 
     mean = soups.mean_logits(member_logits(r) for r in rows)
-    acc = {n: accuracy(mean[n], k.data.evals[n][1]) for n in mean}
+    acc = {n: accuracy(mean[n], k.data.evals[n].labels) for n in mean}
     return [Dish("ensemble", f"ensemble ({len(rows)} models)", summarize(acc, k.data), [r["id"] for r in rows],
                  params={"n_ingredients": len(rows)})]
 
@@ -188,5 +201,8 @@ def cook(kitchen: Kitchen, names: list[str] | None = None) -> list[Dish]:
         for dish in RECIPES[name](kitchen, cooked):
             cooked.setdefault(name, dish)
             dishes.append(dish)
+    for dish in dishes:  # the pool and MLflow store CPU tensors
+        if dish.weights is not None:
+            dish.weights = {k: v.detach().cpu().contiguous() for k, v in dish.weights.items()}
     return dishes
 

@@ -26,7 +26,7 @@ import yaml
 
 from orchestrator import tracking
 from orchestrator.cli import add_common_flags, run_main
-from orchestrator.config import load_config, make_task, task_settings
+from orchestrator.config import load_config, make_task
 from orchestrator.errors import PoolError, UserError
 from orchestrator.pool import Pool, safe_id
 from orchestrator.recipes import Dish, Kitchen, check_cookable, cook
@@ -51,23 +51,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def ensure_pretrained(pool: Pool, task: Task, sweep: str) -> dict[str, Any]:
-    """The shared starting weights, made once per pretraining settings and cached in the pool."""
+def ensure_pretrained(pool: Pool, task: Task, data, sweep: str) -> dict[str, Any]:
+    """The shared starting weights (pretrained model + fitted head), made once per pretraining
+    settings and cached in the pool: every trial of every sweep on them starts from exactly these."""
     pid = task.pretrained_id()
     if pool.has(pid):
         print(f"pretrained weights: cached in the pool ({pid})")
         return pool.get(pid)
-    print(f"pretrained weights: not in the pool, pretraining {task.name} once (cached as {pid}) ...", flush=True)
+    print(f"pretrained weights: not in the pool, preparing {task.name} once (cached as {pid}) ...", flush=True)
     t0 = time.time()
-    state = task.pretrain()
-    print(f"pretrained in {time.time() - t0:.0f} s")
+    state = task.pretrain(data)
+    print(f"prepared in {time.time() - t0:.0f} s")
     return pool.add({"id": pid, "kind": "pretrained", "sweep": sweep, "task": task.name, "status": "ok",
                      "arch": arch_fingerprint(state), "hparams": {k: task.settings[k] for k in task.pretrain_settings}},
                     state)
 
 
-def serve(dishes: list[Dish], cfg: dict[str, Any], pool: Pool, uri: str, exp: str, parent: str,
-          input_shape) -> None:
+def serve(dishes: list[Dish], cfg: dict[str, Any], task: Task, pool: Pool, uri: str, exp: str, parent: str) -> None:
     """Each dish gets a nested MLflow run; each new set of weights a pool row (kind=soup) and an MLflow model."""
     sweep = cfg["sweep"]
     for dish in dishes:
@@ -85,7 +85,7 @@ def serve(dishes: list[Dish], cfg: dict[str, Any], pool: Pool, uri: str, exp: st
                       "arch": arch_fingerprint(dish.weights), "hparams": {"recipe": dish.recipe, **params},
                       "metrics": dish.metrics, "parents": dish.parents, "mlflow_run_id": run_id}, dish.weights)
             tracking.set_tags(uri, run_id, {"orchestrator.ingredient_id": soup_id})
-            tracking.log_model(uri, run_id, dish.weights, cfg["task"]["name"], task_settings(cfg), input_shape)
+            tracking.log_model(uri, run_id, dish.weights, task.name, task.model_settings())
         tracking.end_run(uri, run_id)
 
 
@@ -101,6 +101,7 @@ def sweep(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"num_samples={args.num_samples}"] if args.num_samples is not None else [])
     cfg = load_config(args.config, overrides)
     task = make_task(cfg)
+    data = task.data()  # the user's files are read and checked before anything is written
     uri = tracking.resolve_uri(args.tracking_uri)
     tracking.check_reachable(uri)  # every input is checked before anything is written
     resume = None
@@ -118,11 +119,10 @@ def sweep(args: argparse.Namespace) -> int:
         raise PoolError(f"{pool.uri}: no pretrained weights for task {task.name} ({pretrained_id}), "
                         "so nothing to cook from; run a sweep without --skip-train first")
     t0 = time.time()
-    pretrained = pool.get(pretrained_id) if args.skip_train else ensure_pretrained(pool, task, cfg["sweep"])
-    data = task.data()
+    pretrained = pool.get(pretrained_id) if args.skip_train else ensure_pretrained(pool, task, data, cfg["sweep"])
     kitchen = None
     if args.skip_train:  # a pool with nothing to cook is an error before MLflow is touched
-        kitchen = Kitchen(pool, task, data, sweep=cfg["sweep"], settings=cfg["soup"])
+        kitchen = Kitchen(pool, task, data, sweep=cfg["sweep"], settings=cfg["soup"], precision=cfg["precision"])
         check_cookable(kitchen)
     exp = tracking.experiment_id(uri, cfg["sweep"])
     started = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -138,9 +138,12 @@ def sweep(args: argparse.Namespace) -> int:
         if not args.skip_train:
             train(args, cfg, task, pool, pretrained, data, uri, exp, parent, started, resume)
         print("cooking soups from the pool ...", flush=True)
-        kitchen = kitchen or Kitchen(pool, task, data, sweep=cfg["sweep"], settings=cfg["soup"])
+        kitchen = kitchen or Kitchen(pool, task, data, sweep=cfg["sweep"], settings=cfg["soup"],
+                                     precision=cfg["precision"])
+        t_cook = time.time()
         dishes = cook(kitchen)
-        serve(dishes, cfg, pool, uri, exp, parent, input_shape=data.evals[data.val][0].shape[1:])
+        print(f"cooked {len(dishes)} dishes on {kitchen.device.type} in {time.time() - t_cook:.1f} s", flush=True)
+        serve(dishes, cfg, task, pool, uri, exp, parent)
         report(cfg, kitchen, dishes, pool, uri, parent, t0)
         status = "FINISHED"
     except Exception:
@@ -164,9 +167,10 @@ def train(args, cfg, task, pool, pretrained, data, uri, exp, parent, started, re
     tracking.log_params(uri, parent, size)
     print(f"Ray: {size['ray_nodes']} node(s), {size['ray_cpus']:g} CPUs, {size['ray_gpus']:g} GPUs; "
           + (f"resuming {resume}" if resume else f"running {cfg['num_samples']} trials"), flush=True)
-    ctx = SweepContext(sweep=cfg["sweep"], task_name=task.name, task_settings=task_settings(cfg), pool_uri=pool.uri,
+    ctx = SweepContext(sweep=cfg["sweep"], task_name=task.name, task_settings=task.model_settings(), pool_uri=pool.uri,
                        pretrained_id=pretrained["id"], tracking_uri=uri, experiment_id=exp, parent_run_id=parent,
-                       cpus_per_trial=int(max(1, cfg["resources"]["cpu"])))
+                       cpus_per_trial=int(max(1, cfg["resources"]["cpu"])), precision=cfg["precision"],
+                       resources=dict(cfg["resources"]), storage=args.storage)
     results = fanout.run(cfg, ctx, data, args.storage, name=fanout.run_name(cfg["sweep"], started), resume=resume)
     for trial_id, error in fanout.errored_trial_ids(results):
         print(f"trial {trial_id} failed after {cfg['max_failures']} retries: {error}", file=sys.stderr)

@@ -131,7 +131,7 @@ def log_file(uri: str, run_id: str, path: str, folder: str | None = None) -> Non
     client(uri).log_artifact(run_id, path, folder)
 
 
-def log_model(uri: str, run_id: str, weights, task_name: str, settings: dict[str, Any], input_shape) -> None:
+def log_model(uri: str, run_id: str, weights, task_name: str, settings: dict[str, Any]) -> None:
     """Log souped weights as an MLflow pyfunc model: code + safetensors, no pickle."""
     import mlflow
     from safetensors.torch import save_file
@@ -146,7 +146,7 @@ def log_model(uri: str, run_id: str, weights, task_name: str, settings: dict[str
                 name="model",
                 python_model=os.path.join(here, "mlflow_model.py"),
                 artifacts={"weights": path},
-                model_config={"task": task_name, "settings": settings, "input_shape": list(input_shape)},
+                model_config={"task": task_name, "settings": settings},
                 code_paths=[here],
                 pip_requirements=["torch", "safetensors", "numpy", "mlflow"],
             )
@@ -164,6 +164,13 @@ class TrialTracker:
                 self.run_id = start_run(uri, exp_id, name, "trial", parent, tags={TRIAL_ID: trial_id}, params=params)
         except Exception as e:  # noqa: BLE001
             self._fail(e)
+
+    @classmethod
+    def off(cls) -> "TrialTracker":
+        """A tracker that logs nothing (data-parallel workers other than rank 0)."""
+        tracker = cls.__new__(cls)
+        tracker.uri, tracker.run_id = "", None
+        return tracker
 
     def _fail(self, e: Exception) -> None:
         log.warning("MLflow tracking disabled for this trial: %s", str(e).splitlines()[0][:200] if str(e) else e)

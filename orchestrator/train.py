@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from orchestrator.tasks.base import StateDict, Task, TaskData
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.data import DataLoader, default_collate
+
+from orchestrator.tasks.base import Examples, StateDict, Task, TaskData, to_device
 
 # Every hyperparameter a trial understands, with its default. The search space may
 # sample any of them; an unknown name in a config is an error.
@@ -33,15 +36,42 @@ HPARAMS: dict[str, Any] = {
 }
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def autocast(precision: str = "auto"):
+    """bf16 autocast where asked for, or ("auto") on a GPU that supports it; fp32 otherwise."""
+    dev = device()
+    bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def loader(examples: Examples, batches: list[torch.Tensor], workers: int = 0,
+           gen: torch.Generator | None = None) -> DataLoader:
+    """Batches of `examples` in the given index order; pinned memory when feeding a GPU."""
+    return DataLoader(examples, batch_sampler=[b.tolist() for b in batches], num_workers=workers,
+                      collate_fn=getattr(examples, "collate", default_collate), generator=gen,
+                      pin_memory=device().type == "cuda")
+
+
+def in_order(examples: Examples, batch_size: int) -> list[torch.Tensor]:
+    return list(torch.arange(len(examples)).split(batch_size))
+
+
 @torch.no_grad()
-def predict_logits(task: Task, model: torch.nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+def predict_logits(task: Task, model: torch.nn.Module, examples: Examples, batch_size: int = 256,
+                   precision: str = "auto") -> torch.Tensor:
     model.eval()
     dev = next(model.parameters()).device
-    return torch.cat([task.logits(model, xb.to(dev)).float().cpu() for xb in x.split(batch_size)])
+    out = []
+    with autocast(precision):
+        for x, _ in loader(examples, in_order(examples, batch_size), task.num_workers):
+            out.append(task.logits(model, to_device(x, dev)).float().cpu())
+    return torch.cat(out)
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -60,10 +90,39 @@ def summarize(acc: dict[str, float], data: TaskData) -> dict[str, float]:
     return metrics
 
 
-def evaluate(task: Task, model: torch.nn.Module, data: TaskData, sets: list[str] | None = None) -> dict[str, float]:
+def evaluate(task: Task, model: torch.nn.Module, data: TaskData, sets: list[str] | None = None,
+             precision: str = "auto") -> dict[str, float]:
     names = sets or list(data.evals)
-    acc = {n: accuracy(predict_logits(task, model, data.evals[n][0]), data.evals[n][1]) for n in names}
+    acc = {n: accuracy(predict_logits(task, model, data.evals[n], precision=precision), data.evals[n].labels)
+           for n in names}
     return summarize(acc, data)
+
+
+def batchnorm_buffers(model: torch.nn.Module) -> list[str]:
+    """State-dict keys of every BatchNorm running statistic (empty: the model has no BatchNorm)."""
+    return [f"{name}.{b}" for name, m in model.named_modules() if isinstance(m, _BatchNorm)
+            for b, v in m.named_buffers(recurse=False) if v is not None]
+
+
+@torch.no_grad()
+def recompute_batchnorm(task: Task, model: torch.nn.Module, examples: Examples, batches: int = 8,
+                        batch_size: int = 64, precision: str = "auto") -> None:
+    """Averaged weights do not come with matching BatchNorm statistics: reset them and take
+    the plain average over a few training batches (momentum=None), then back to eval mode."""
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    dev = next(model.parameters()).device
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0))
+    with autocast(precision):
+        for x, _ in loader(examples, list(order.split(batch_size))[:batches], task.num_workers):
+            task.logits(model, to_device(x, dev))
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+    model.eval()
 
 
 def load_into(model: torch.nn.Module, state: StateDict) -> torch.nn.Module:
@@ -84,6 +143,10 @@ class FineTune:
     data: TaskData
     init: StateDict
     hp: dict[str, Any]
+    precision: str = "auto"
+    rank: int = 0  # data-parallel: this worker trains on rows rank::world of every batch
+    world: int = 1
+    wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None  # e.g. DistributedDataParallel
     epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -91,8 +154,9 @@ class FineTune:
         self.hp = {**HPARAMS, **self.hp}
         torch.manual_seed(self.hp["seed"])
         self.model = load_into(self.task.build_model().to(device()), self.init)
+        self.forward = self.wrap(self.model) if self.wrap else self.model
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.hp["lr"], weight_decay=self.hp["weight_decay"])
-        self.steps_per_epoch = math.ceil(len(self.data.train[1]) / self.hp["batch_size"])
+        self.steps_per_epoch = math.ceil(len(self.data.train) / self.hp["batch_size"])
         self.total_steps = self.hp["epochs"] * self.steps_per_epoch
 
     @property
@@ -109,34 +173,45 @@ class FineTune:
     def run_epoch(self) -> float:
         """Train one epoch; returns the mean training loss (NaN/inf if the run diverged)."""
         hp, dev = self.hp, device()
-        gen = torch.Generator().manual_seed(hp["seed"] * 1009 + self.epoch)
+        seed = hp["seed"] * 1009 + self.epoch
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # per-example augmentations in this process draw from the global RNG
         rng = np.random.default_rng([hp["seed"], self.epoch])
-        x_all, y_all = self.data.train
-        self.model.train()
+        train = self.task.train_examples(self.data.train, hp)
+        order = torch.randperm(len(train), generator=gen)  # the same on every data-parallel worker
+        batches = [b[self.rank::self.world] for b in order.split(hp["batch_size"])]
+        self.forward.train()
         total, count = 0.0, 0
-        for i, idx in enumerate(torch.randperm(len(y_all), generator=gen).split(hp["batch_size"])):
+        for i, (x, y) in enumerate(loader(train, batches, self.task.num_workers, gen)):
             for group in self.opt.param_groups:
                 group["lr"] = self.lr_at(self.epoch * self.steps_per_epoch + i)
-            x = self.task.augment(x_all[idx], hp["augment"], gen).to(dev)
-            y = y_all[idx].to(dev)
+            x = to_device(self.task.augment(x, hp["augment"], gen), dev)
+            y = y.to(dev, non_blocking=True)
             lam, perm = 1.0, None
             if hp["mixup"] > 0:
                 lam = float(rng.beta(hp["mixup"], hp["mixup"]))
-                perm = torch.randperm(len(idx), generator=gen).to(dev)
+                perm = torch.randperm(len(y), generator=gen).to(dev)
                 x = lam * x + (1 - lam) * x[perm]
-            logits = self.task.logits(self.model, x)
+            with autocast(self.precision):
+                logits = self.task.logits(self.forward, x).float()
             loss = lam * F.cross_entropy(logits, y, label_smoothing=hp["label_smoothing"])
             if perm is not None:
                 loss = loss + (1 - lam) * F.cross_entropy(logits, y[perm], label_smoothing=hp["label_smoothing"])
-            if not torch.isfinite(loss):
+            if not self._all_finite(loss):
                 return float("nan")
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.opt.step()
-            total, count = total + loss.item() * len(idx), count + len(idx)
+            total, count = total + loss.item() * len(y), count + len(y)
         self.epoch += 1
         return total / count
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        finite = torch.isfinite(loss.detach()).float()
+        if self.world > 1:  # every worker must stop together, or the others wait forever in all-reduce
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        return bool(finite.item())
 
     def weights(self) -> StateDict:
         return cpu_state(self.model)

@@ -22,7 +22,7 @@ class TinyTask(Task):
     def build_model(self) -> nn.Module:
         return nn.Linear(8, 3)
 
-    def pretrain(self):
+    def pretrain(self, data=None):
         torch.manual_seed(1234)
         return {k: v.detach().clone() for k, v in self.build_model().state_dict().items()}
 
@@ -78,7 +78,7 @@ HP = {"lr": 0.05, "weight_decay": 1e-4, "epochs": 4, "batch_size": 32, "label_sm
 
 def full_loss(task, model, data) -> float:
     with torch.no_grad():
-        x, y = data.train
+        x, y = data.train.inputs, data.train.labels
         return F.cross_entropy(task.logits(model, x), y).item()
 
 

@@ -162,7 +162,12 @@ class GlyphsTask(Task):
         x = affine(x, angle, scale, shift)
         return (x + torch.randn(x.shape, generator=gen) * 0.05 * strength).clamp(0, 1)
 
-    def pretrain(self) -> StateDict:
+    def serve_inputs(self, model_input) -> torch.Tensor:
+        """8x8 images with values in [0, 1], as an array of shape (N, 64) or (N, 1, 8, 8)."""
+        return torch.as_tensor(np.asarray(model_input, dtype=np.float32)).reshape(-1, 1, 8, 8)
+
+    def pretrain(self, data: TaskData | None = None) -> StateDict:
+        """Pretraining on printed glyphs of the non-held-out fonts (it does not see `data`)."""
         s = self.settings
         fonts = [f for f in TEXT_FONTS if f not in s["held_out_fonts"]]
         images, labels = render_glyphs(fonts, CHARS, s["pretrain_per_glyph"], s["pretrain_seed"])
