@@ -143,7 +143,9 @@ def greedy_soup(k: Kitchen, cooked: dict[str, Dish]) -> list[Dish]:
     accept = k.settings["greedy_accept"]
     result = soups.greedy_soup(rows, k.load, k.val_acc, accept=accept, first_score=rows[0]["metrics"]["val_acc"])
     trace = [{"id": s.ingredient["id"], "val_acc": s.score, "accepted": s.accepted} for s in result.steps]
-    return [Dish("greedy_soup", f"greedy soup ({len(result.kept)} kept)", k.evaluate(result.state),
+    # a soup of one is the best individual itself, BatchNorm statistics included
+    return [Dish("greedy_soup", f"greedy soup ({len(result.kept)} kept)",
+                 k.evaluate(result.state, soup=len(result.kept) > 1),
                  [r["id"] for r in result.kept], result.state,
                  params={"n_ingredients": len(result.kept), "n_candidates": len(rows), "accept": accept,
                          "trace": trace})]
@@ -175,7 +177,8 @@ def wise_ft(k: Kitchen, cooked: dict[str, Dish]) -> list[Dish]:
         curve, mid_state = [], None
         for alpha in alphas:
             state = soups.interpolate(zero, base.weights, alpha)
-            curve.append({"alpha": alpha, **k.evaluate(state)})
+            mixed = 0 < alpha < 1 or (alpha == 1 and len(base.parents) > 1)  # else one model's own weights
+            curve.append({"alpha": alpha, **k.evaluate(state, soup=mixed)})
             if alpha == mid:
                 mid_state = state
         point = next(c for c in curve if c["alpha"] == mid)

@@ -79,6 +79,9 @@ class HFTextTask(FileTask):
         self.model_path = minilm_folder() if not name else os.path.expanduser(name) if os.path.isdir(
             os.path.expanduser(name)) else name
         self._tokenizer = None
+        from transformers import AutoConfig
+
+        self.config = self._from(AutoConfig)  # a wrong folder or hub name fails here, during validation
 
     def _from(self, loader, **kw):
         try:
@@ -96,9 +99,9 @@ class HFTextTask(FileTask):
         return self._tokenizer
 
     def build_model(self) -> nn.Module:
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoModel
 
-        return EncoderClassifier(AutoModel.from_config(self._from(AutoConfig)), len(self.classes()),
+        return EncoderClassifier(AutoModel.from_config(self.config), len(self.classes()),
                                  self.settings["pooling"])
 
     def pretrained_model(self) -> nn.Module:
