@@ -200,8 +200,8 @@ def child(args) -> int:
     kitchen.load = timed(kitchen.load, "load", "load_calls")
     evaluate = kitchen.evaluate
 
-    def full_evaluate(state, sets=None):  # val_acc goes through here too, with sets=[val]: not counted twice
-        return timed(evaluate, "final_eval")(state, sets) if sets is None else evaluate(state, sets)
+    def full_evaluate(state, sets=None, **kw):  # val_acc goes through here too, with sets=[val]: not counted twice
+        return timed(evaluate, "final_eval")(state, sets, **kw) if sets is None else evaluate(state, sets, **kw)
 
     kitchen.evaluate = full_evaluate
     split = {}

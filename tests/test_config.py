@@ -33,6 +33,17 @@ def test_default_config_loads():
     assert cfg["task"]["pretrain_epochs"] == 6 and "val_fraction" in cfg["task"]
 
 
+@pytest.mark.parametrize("name, task", [("minilm_text_example.yaml", "hf_text"),
+                                        ("clip_vitb32_imagenet.yaml", "timm_image")])
+def test_real_model_example_configs_validate(name, task):
+    """Validation reads no data and needs no network: the ImageNet config checks here too."""
+    import os
+
+    cfg = load_config(os.path.join(os.path.dirname(DEFAULT_CONFIG), name))
+    assert cfg["task"]["name"] == task and cfg["task"]["data"]["evals"]
+    assert set(cfg["hyperparameters"]) <= set(HPARAMS)
+
+
 def test_explicit_path_equals_default():
     assert load_config(DEFAULT_CONFIG) == load_config()
 
@@ -137,6 +148,20 @@ BAD_CONFIGS = [
     ("alpha_above_1", "soup: {wise_ft_alphas: [0.0, 0.5, 1.5]}\n", ["soup.wise_ft_alphas", "1.5"]),
     ("alpha_below_0", "soup: {wise_ft_alphas: [-0.1, 0.5]}\n", ["soup.wise_ft_alphas", "-0.1"]),
     ("alpha_not_a_number", "soup: {wise_ft_alphas: [half]}\n", ["soup.wise_ft_alphas"]),
+    ("bad_precision", "precision: fp8\n", ["precision", "fp8"]),
+    ("zero_workers", "resources: {workers: 0}\n", ["resources.workers"]),
+    ("gpu_fraction_with_workers", "resources: {gpu: 0.5, workers: 2}\n", ["resources.gpu", "whole"]),
+    ("unknown_resource", "resources: {tpu: 1}\n", ["resources.tpu", "unknown key"]),
+    ("text_without_train_file", "task: {name: hf_text, data: {evals: {id_test: t.csv}}}\n", ["task.data.train"]),
+    ("text_without_evals", "task: {name: hf_text, data: {train: t.csv}}\n", ["task.data.evals"]),
+    ("text_id_test_not_an_eval", "task: {name: hf_text, data: {train: t.csv, evals: {test: t.csv}}}\n",
+     ["task.data.id_test", "test"]),
+    ("text_unknown_data_key", "task: {name: hf_text, data: {train: t.csv, text_col: x}}\n",
+     ["task.data.text_col", "unknown key"]),
+    ("text_mixup", "task: {name: hf_text, data: {train: t.csv, evals: {id_test: t.csv}}}\n"
+                   "hyperparameters: {mixup: {choice: [0.0, 0.2]}}\n", ["hyperparameters.mixup", "hf_text"]),
+    ("timm_unknown_model", "task: {name: timm_image, model: resnet_9000, data: {train: d, evals: {id_test: d}}}\n",
+     ["task.model", "resnet_9000"]),
 ]
 
 

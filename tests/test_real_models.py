@@ -271,3 +271,14 @@ def test_seeded_val_split_csv_and_image_bytes(tmp_path, text_files, tiny_bert, i
     data = task.data()
     x, y = data.evals["id_test"][0]
     assert x.shape == (3, 32, 32) and task.classes() == ["blue", "red"] and len(data.evals["id_test"]) == len(pngs)
+
+
+def test_timm_weights_file_of_another_architecture_is_a_one_line_error(tmp_path, image_files):
+    import timm
+
+    other = tmp_path / "vit.safetensors"
+    save_file(timm.create_model("test_vit").state_dict(), str(other))
+    proc = run_cli(tmp_path, *image_task(image_files, **{"task.pretrained": "true", "task.pretrained_file": other}))
+    assert_one_line_error(proc, "task.model", "test_resnet")
+    assert Pool(str(tmp_path / "pool")).manifest().empty  # no pretrained row from the wrong weights
+    assert not (tmp_path / "mlflow.db").exists()

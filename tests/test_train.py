@@ -202,6 +202,9 @@ def test_summarize_computes_ood_mean(data):
     partial = summarize({"val": 0.5, "ood_shift": 0.2}, data)
     assert "ood_acc" not in partial and "id_acc" not in partial
     assert partial["val_acc"] == 0.5
+    # a task with no OOD set at all: the OOD mean is NaN, a gap in tables and plots
+    no_ood = TaskData(train=data.train, evals={"val": data.evals["val"], "id_test": data.evals["id_test"]})
+    assert math.isnan(summarize({"val": 0.5, "id_test": 0.8}, no_ood)["ood_acc"])
 
 
 def test_evaluate_reports_every_set(task, data, init):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from orchestrator.errors import ConfigError
 from orchestrator.tasks.base import Examples, Inputs, TensorExamples
 from orchestrator.tasks.user_data import DATA_DEFAULTS, FileTask
 
@@ -87,7 +88,7 @@ class HFTextTask(FileTask):
         try:
             return loader.from_pretrained(self.model_path, **kw)
         except (OSError, ValueError) as e:  # not a folder, not on the hub, or offline
-            raise ValueError(f"model: cannot load {self.settings['model'] or self.model_path!r}: "
+            raise ConfigError(f"task.model: cannot load {self.settings['model'] or self.model_path!r}: "
                              f"{str(e).strip().splitlines()[0][:200]}") from None
 
     @property

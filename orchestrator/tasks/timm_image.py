@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from orchestrator.errors import ConfigError
 from orchestrator.tasks.base import Examples, Inputs
 from orchestrator.tasks.user_data import DATA_DEFAULTS, FileTask
 
@@ -56,7 +57,7 @@ class TimmImageTask(FileTask):
     defaults = {
         "model": "resnet18",  # any timm model name
         "pretrained": True,  # timm's pretrained weights (from the hub unless pretrained_file is set)
-        "pretrained_file": "",  # a local state dict to start from instead of the hub
+        "pretrained_file": "",  # a local state dict (timm's layout, original classifier) instead of the hub
         "image_size": 0,  # 0 = the model's own input size
         "head_init": "probe",  # probe: logistic regression on frozen features; zero: zero weights
         "probe_C": 1.0,
@@ -80,22 +81,28 @@ class TimmImageTask(FileTask):
     def _create(self, pretrained: bool) -> nn.Module:
         import timm
 
-        kw: dict[str, Any] = {"num_classes": len(self.classes())}
+        kw: dict[str, Any] = {}
         if self.settings["image_size"] and "vit" in self.settings["model"]:
             kw["img_size"] = self.settings["image_size"]
-        if pretrained and self.settings["pretrained_file"]:
+        if not pretrained:
+            return timm.create_model(self.settings["model"], num_classes=len(self.classes()), **kw)
+        if self.settings["pretrained_file"]:
             kw["pretrained_cfg_overlay"] = {"file": self.settings["pretrained_file"]}
         try:
-            return timm.create_model(self.settings["model"], pretrained=pretrained, **kw)
+            # with its own classifier, so timm loads strictly (it loads a new-sized head leniently,
+            # which would silently keep random weights for anything that does not match)
+            model = timm.create_model(self.settings["model"], pretrained=True, **kw)
         except (OSError, RuntimeError, ValueError) as e:  # offline hub, or a file of another architecture
-            raise ValueError(f"model: cannot create {self.settings['model']!r} with pretrained weights: "
-                             f"{str(e).strip().splitlines()[0][:200]}") from None
+            raise ConfigError(f"task.model: cannot create {self.settings['model']!r} with pretrained weights: "
+                              f"{str(e).strip().splitlines()[0][:200]}") from None
+        model.reset_classifier(len(self.classes()))
+        return model
 
     def build_model(self) -> nn.Module:
         return self._create(pretrained=False)
 
     def pretrained_model(self) -> nn.Module:
-        return self._create(pretrained=self.settings["pretrained"])
+        return self._create(pretrained=self.settings["pretrained"])  # false: random init (tests, from scratch)
 
     def features(self, model: nn.Module, x: Inputs) -> torch.Tensor:
         return model.forward_head(model.forward_features(x), pre_logits=True)
