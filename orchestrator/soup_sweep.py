@@ -4,6 +4,7 @@
     python -m orchestrator.soup_sweep --num-samples 32 soup.greedy_accept='>'
     python -m orchestrator.soup_sweep --skip-train        # re-cook soups from the pool
     python -m orchestrator.soup_sweep --resume            # continue after the driver was killed
+    python -m orchestrator.soup_sweep --config search_spaces/minilm_text_example.yaml   # a real model
 
 Steps: load and validate the config; get the pretrained weights (cached in the pool);
 fan out the trials with Ray Tune (each lands in the pool and in MLflow); cook zero-shot,
@@ -38,7 +39,9 @@ log = logging.getLogger("orchestrator")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m orchestrator.soup_sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="search-space YAML (default: search_spaces/glyphs_soup.yaml)")
+    p.add_argument("--config", default=None,
+                   help="search-space YAML (default: search_spaces/glyphs_soup.yaml; real models: "
+                        "search_spaces/minilm_text_example.yaml, search_spaces/clip_vitb32_imagenet.yaml)")
     p.add_argument("--num-samples", type=int, default=None, help="number of fine-tuning trials (overrides num_samples)")
     add_common_flags(p, default_pool="pool")
     mode = p.add_mutually_exclusive_group()

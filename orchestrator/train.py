@@ -181,7 +181,8 @@ class FineTune:
         rng = np.random.default_rng([hp["seed"], self.epoch])
         train = self.task.train_examples(self.data.train, hp)
         order = torch.randperm(len(train), generator=gen)  # the same on every data-parallel worker
-        batches = [b[self.rank::self.world] for b in order.split(hp["batch_size"])]
+        # every worker needs a share of every batch: a last batch smaller than the world is dropped
+        batches = [b[self.rank::self.world] for b in order.split(hp["batch_size"]) if len(b) >= self.world]
         self.forward.train()
         total, count = 0.0, 0
         for i, (x, y) in enumerate(loader(train, batches, self.task.num_workers, gen)):
