@@ -116,7 +116,8 @@ def validate(raw: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
     if not isinstance(cfg["resources"]["workers"], int) or cfg["resources"]["workers"] < 1:
         raise ConfigError(f"{source}: resources.workers: must be an integer >= 1, got {cfg['resources']['workers']!r}")
     if cfg["resources"]["workers"] > 1 and 0 < cfg["resources"]["gpu"] < 1:
-        raise ConfigError(f"{source}: resources.gpu: data-parallel workers need whole GPUs, got {cfg['resources']['gpu']}")
+        raise ConfigError(f"{source}: resources.gpu: data-parallel workers need whole GPUs, "
+                          f"got {cfg['resources']['gpu']}")
     if cfg["precision"] not in PRECISIONS:
         raise ConfigError(f"{source}: precision: must be one of {', '.join(PRECISIONS)}, got {cfg['precision']!r}")
     if cfg["soup"]["greedy_accept"] not in (">=", ">"):

@@ -101,8 +101,9 @@ def run_data_parallel(hp: dict[str, Any], ctx: SweepContext, data: TaskData, tri
     trainer = TorchTrainer(
         _data_parallel_worker,
         train_loop_config={"hp": hp, "ctx": ctx, "data": ray.put(data), "trial_id": trial_id},
-        scaling_config=ScalingConfig(num_workers=res["workers"], use_gpu=res["gpu"] > 0,
-                                     resources_per_worker={"CPU": res["cpu"], **({"GPU": res["gpu"]} if res["gpu"] else {})}),
+        scaling_config=ScalingConfig(
+            num_workers=res["workers"], use_gpu=res["gpu"] > 0,
+            resources_per_worker={"CPU": res["cpu"], **({"GPU": res["gpu"]} if res["gpu"] else {})}),
         run_config=RunConfig(name=f"{ctx.sweep}-data-parallel-{trial_id}", storage_path=f"{root}/data-parallel",
                              storage_filesystem=fs, callbacks=[TuneReportCallback()],
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),

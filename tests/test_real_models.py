@@ -282,3 +282,14 @@ def test_timm_weights_file_of_another_architecture_is_a_one_line_error(tmp_path,
     assert_one_line_error(proc, "task.model", "test_resnet")
     assert Pool(str(tmp_path / "pool")).manifest().empty  # no pretrained row from the wrong weights
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_shared_head_zero_or_probe_on_a_subset(text_files, tiny_bert):
+    over = text_task(text_files, tiny_bert)
+    zero = make_task(load_config(over[1], over[2:] + ["task.head_init=zero"]))
+    state = zero.pretrain(zero.data())
+    assert not state["head.weight"].any() and not state["head.bias"].any()
+    probe = make_task(load_config(over[1], over[2:] + ["task.probe_examples=10"]))
+    state = probe.pretrain(probe.data())
+    assert state["head.weight"].abs().sum() > 0
+    assert probe.pretrain_key() != zero.pretrain_key()  # a different head is a different pool entry

@@ -67,9 +67,10 @@ class HFTextTask(FileTask):
         "pooling": "mean",  # mean (sentence-transformers) or cls
         "head_init": "probe",  # probe: logistic regression on frozen features; zero: zero weights
         "probe_C": 1.0,  # inverse L2 strength of the probe
+        "probe_examples": 0,  # fit the probe on this many training examples (seeded); 0 = all
         "data": {**DATA_DEFAULTS, "input_column": "text"},
     }
-    pretrain_settings = ("model", "max_length", "pooling", "head_init", "probe_C", "data")
+    pretrain_settings = ("model", "max_length", "pooling", "head_init", "probe_C", "probe_examples", "data")
     supports_mixup = False  # token ids cannot be mixed
 
     def __init__(self, settings=None):

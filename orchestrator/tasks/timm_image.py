@@ -61,10 +61,12 @@ class TimmImageTask(FileTask):
         "image_size": 0,  # 0 = the model's own input size
         "head_init": "probe",  # probe: logistic regression on frozen features; zero: zero weights
         "probe_C": 1.0,
+        "probe_examples": 0,  # fit the probe on this many training examples (seeded); 0 = all
         "num_workers": 0,  # DataLoader processes decoding images (set to the trial's CPUs minus one)
         "data": {**DATA_DEFAULTS, "input_column": "image"},
     }
-    pretrain_settings = ("model", "pretrained", "pretrained_file", "image_size", "head_init", "probe_C", "data")
+    pretrain_settings = ("model", "pretrained", "pretrained_file", "image_size", "head_init", "probe_C",
+                         "probe_examples", "data")
 
     def __init__(self, settings=None):
         super().__init__(settings)

@@ -137,8 +137,6 @@ class FileTask(Task):
     pretrained weights in the pool: every trial of the sweep starts from exactly those weights.
     """
 
-    pretrain_settings: tuple[str, ...] = ()
-
     def __init__(self, settings=None):
         super().__init__(settings)
         d = self.settings["data"] = {**DATA_DEFAULTS, **self.defaults["data"], **self.settings.get("data", {})}
@@ -259,13 +257,17 @@ class FileTask(Task):
     def linear_probe(self, model: nn.Module, train: Examples) -> tuple[np.ndarray, np.ndarray]:
         from sklearn.linear_model import LogisticRegression
 
-        from orchestrator.train import in_order, loader
+        from orchestrator.train import loader
 
         model.eval()
+        order = torch.arange(len(train))
+        n = self.settings["probe_examples"]
+        if 0 < n < len(train):  # a seeded subset, for very large training sets
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n]
         with torch.no_grad():
             feats = torch.cat([self.features(model, x).float() for x, _ in
-                               loader(train, in_order(train, 64), self.num_workers)]).numpy()
-        y = train.labels.numpy()
+                               loader(train, list(order.split(64)), self.num_workers)]).numpy()
+        y = train.labels[order].numpy()
         n = len(self.classes())
         probe = LogisticRegression(C=self.settings["probe_C"], max_iter=2000).fit(feats, y)
         w, b = np.zeros((n, feats.shape[1])), np.full(n, -10.0)  # labels absent from train: never predicted
