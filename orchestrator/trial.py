@@ -44,13 +44,11 @@ class SweepContext:
 
 
 class Reporter:
-    """How a training process reports: straight to Tune, or as one Ray Train worker of a
-    data-parallel trial (every worker reports, only rank 0 writes checkpoints, the pool and MLflow)."""
+    """Where a training process reports: `ray.tune` in a plain trial, `ray.train` in each worker
+    of a data-parallel trial (every worker reports; only rank 0 writes checkpoints, the pool and MLflow)."""
 
-    def __init__(self, rank: int = 0):
-        from ray import tune
-
-        self.rank, self.session = rank, tune
+    def __init__(self, session, rank: int = 0):
+        self.session, self.rank = session, rank
 
     def get_checkpoint(self):
         return self.session.get_checkpoint()
@@ -58,13 +56,6 @@ class Reporter:
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
         ckpt = self.session.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         self.session.report(metrics, checkpoint=ckpt)
-
-
-class TrainWorkerReporter(Reporter):
-    def __init__(self, rank: int):
-        import ray.train
-
-        self.rank, self.session = rank, ray.train
 
 
 def run_trial(hp: dict[str, Any], ctx: SweepContext, data: TaskData) -> None:
@@ -82,7 +73,7 @@ def run_trial(hp: dict[str, Any], ctx: SweepContext, data: TaskData) -> None:
     if ctx.resources["workers"] > 1:
         run_data_parallel(hp, ctx, data, trial_id)
     else:
-        fine_tune(hp, ctx, data, trial_id, Reporter())
+        fine_tune(hp, ctx, data, trial_id, Reporter(tune))
 
 
 def run_data_parallel(hp: dict[str, Any], ctx: SweepContext, data: TaskData, trial_id: str) -> None:
@@ -119,7 +110,7 @@ def _data_parallel_worker(config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     if torch.cuda.is_available():  # "cuda" then means this worker's own GPU
         torch.cuda.set_device(ray.train.torch.get_device())
-    fine_tune(config["hp"], config["ctx"], ray.get(config["data"]), config["trial_id"], TrainWorkerReporter(rank),
+    fine_tune(config["hp"], config["ctx"], ray.get(config["data"]), config["trial_id"], Reporter(ray.train, rank),
               world=ray.train.get_context().get_world_size(), wrap=ray.train.torch.prepare_model)
 
 
