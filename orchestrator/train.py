@@ -185,7 +185,8 @@ class FineTune:
         batches = [b[self.rank::self.world] for b in order.split(hp["batch_size"]) if len(b) >= self.world]
         self.forward.train()
         total, count = 0.0, 0
-        for i, (x, y) in enumerate(loader(train, batches, self.task.num_workers, gen)):
+        workers_seed = torch.Generator().manual_seed(seed + 1)  # its own: a draw from `gen` would shift augmentation
+        for i, (x, y) in enumerate(loader(train, batches, self.task.num_workers, workers_seed)):
             for group in self.opt.param_groups:
                 group["lr"] = self.lr_at(self.epoch * self.steps_per_epoch + i)
             x = to_device(self.task.augment(x, hp["augment"], gen), dev)
