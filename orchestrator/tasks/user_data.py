@@ -62,7 +62,7 @@ def _filesystem(path: str):
 
 
 def read_columns(path: str, columns: list[str], key: str) -> dict[str, list]:
-    """Named columns of a Parquet or CSV file, or (path, label) rows of an image folder."""
+    """Named columns of a Parquet or CSV file, or of an image folder (image paths, labels)."""
     import pyarrow.csv as pacsv
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
@@ -75,7 +75,7 @@ def read_columns(path: str, columns: list[str], key: str) -> dict[str, list]:
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"task.data.{key}: no such file or folder: {path}")
     if info.type == pafs.FileType.Directory:
-        return _image_folder(fs, where, path, key)
+        return _image_folder(fs, where, path, key, columns)
     suffix = os.path.splitext(where)[1].lower()
     try:
         if suffix in (".parquet", ".pq"):
@@ -96,7 +96,8 @@ def read_columns(path: str, columns: list[str], key: str) -> dict[str, list]:
     return {c: table.column(c).to_pylist() for c in columns}
 
 
-def _image_folder(fs, where: str, path: str, key: str) -> dict[str, list]:
+def _image_folder(fs, where: str, path: str, key: str, columns: list[str]) -> dict[str, list]:
+    """An image folder as the two columns asked for: image paths, and labels from subfolder names."""
     import pyarrow.fs as pafs
 
     found = fs.get_file_info(pafs.FileSelector(where, recursive=True))
@@ -105,7 +106,7 @@ def _image_folder(fs, where: str, path: str, key: str) -> dict[str, list]:
                   and os.path.dirname(f.path) != where.rstrip("/"))
     if not rows:
         raise DataError(f"task.data.{key}: {path}: no images in label subfolders (expected <label>/<image>.png)")
-    return {"path": [r[0] for r in rows], "label": [r[1] for r in rows]}
+    return {columns[0]: [r[0] for r in rows], columns[1]: [r[1] for r in rows]}
 
 
 def _absolute(path: str) -> str:
@@ -201,8 +202,6 @@ class FileTask(Task):
 
     def _rows(self, path: str, cols: list[str], key: str) -> tuple[list, list]:
         table = read_columns(path, cols, key)
-        if "path" in table and cols[0] not in table:  # an image folder
-            return table["path"], table["label"]
         inputs, labels = table[cols[0]], table[cols[1]]
         if any(v is None for v in labels) or any(v is None for v in inputs):
             raise DataError(f"task.data.{key}: {path}: empty values in column {cols[0]!r} or {cols[1]!r}")
