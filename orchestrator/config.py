@@ -115,6 +115,10 @@ def validate(raw: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
             raise ConfigError(f"{source}: resources.{key}: must be a number >= 0, got {value!r}")
     if not isinstance(cfg["resources"]["workers"], int) or cfg["resources"]["workers"] < 1:
         raise ConfigError(f"{source}: resources.workers: must be an integer >= 1, got {cfg['resources']['workers']!r}")
+    if cfg["resources"]["workers"] == 1 and cfg["resources"]["gpu"] > 1:  # one process would use only one of them
+        raise ConfigError(f"{source}: resources.gpu: {cfg['resources']['gpu']:g} GPUs for one training process; "
+                          f"for data-parallel trials set resources.gpu: 1 and resources.workers: "
+                          f"{int(cfg['resources']['gpu'])}")
     if cfg["resources"]["workers"] > 1 and 0 < cfg["resources"]["gpu"] < 1:
         raise ConfigError(f"{source}: resources.gpu: data-parallel workers need whole GPUs, "
                           f"got {cfg['resources']['gpu']}")

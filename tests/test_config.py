@@ -152,6 +152,7 @@ BAD_CONFIGS = [
     ("zero_workers", "resources: {workers: 0}\n", ["resources.workers"]),
     ("gpu_fraction_with_workers", "resources: {gpu: 0.5, workers: 2}\n", ["resources.gpu", "whole"]),
     ("unknown_resource", "resources: {tpu: 1}\n", ["resources.tpu", "unknown key"]),
+    ("several_gpus_one_process", "resources: {gpu: 4}\n", ["resources.gpu", "resources.workers: 4"]),
     ("text_without_train_file", "task: {name: hf_text, data: {evals: {id_test: t.csv}}}\n", ["task.data.train"]),
     ("text_without_evals", "task: {name: hf_text, data: {train: t.csv}}\n", ["task.data.evals"]),
     ("text_id_test_not_an_eval", "task: {name: hf_text, data: {train: t.csv, evals: {test: t.csv}}}\n",
