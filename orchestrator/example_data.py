@@ -1,15 +1,11 @@
-"""Make the offline example datasets from files every Python installation has.
+"""Make the offline example dataset from files every Python installation has.
 
-    python -m orchestrator.example_data text    # data/stdlib_text/*.parquet (hf_text example)
-    python -m orchestrator.example_data images  # data/digit_images/ (timm_image example)
+    python -m orchestrator.example_data text    # data/stdlib_text/*.parquet (the hf_text example)
 
 text: which standard-library package a piece of English comes from (asyncio, email,
 tkinter, unittest). Trained on docstrings; evaluated in distribution on held-out
 docstrings and under a natural shift of style on the same packages' code comments and
 on the messages of the exceptions they raise.
-
-images: scikit-learn's handwritten digits as PNG files in one folder per label (train and
-an ID test split), plus the same test digits inverted (white on black) as an OOD set.
 """
 
 from __future__ import annotations
@@ -94,35 +90,14 @@ def make_text(out: str, train_per_label: int = 80, test_per_label: int = 50, see
     return {name: len(items) for name, items in rows.items()}
 
 
-def make_images(out: str, size: int = 32, seed: int = 0) -> dict[str, int]:
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    order = np.random.default_rng(seed).permutation(len(digits.target))
-    split = {"train": order[:1000], "id_test": order[1000:1400]}
-    counts = {}
-    for name, idx in [*split.items(), ("ood_inverted", split["id_test"])]:
-        for i in idx:
-            pixels = (digits.images[i] * (255 / 16)).astype(np.uint8)
-            if name == "ood_inverted":
-                pixels = 255 - pixels
-            folder = os.path.join(out, name, str(digits.target[i]))
-            os.makedirs(folder, exist_ok=True)
-            Image.fromarray(pixels).resize((size, size), Image.BILINEAR).convert("RGB").save(
-                os.path.join(folder, f"{i:04d}.png"))
-        counts[name] = len(idx)
-    return counts
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m orchestrator.example_data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=["text", "images"])
-    p.add_argument("--out", default=None, help="output folder (default: data/stdlib_text or data/digit_images)")
+    p.add_argument("kind", choices=["text"], help="which dataset (text: the hf_text example's)")
+    p.add_argument("--out", default=os.path.join("data", "stdlib_text"), help="output folder (default: data/stdlib_text)")
     args = p.parse_args(argv)
-    out = args.out or os.path.join("data", "stdlib_text" if args.kind == "text" else "digit_images")
-    counts = make_text(out) if args.kind == "text" else make_images(out)
+    out = args.out
+    counts = make_text(out)
     print(f"wrote {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 

@@ -293,3 +293,16 @@ def test_shared_head_zero_or_probe_on_a_subset(text_files, tiny_bert):
     state = probe.pretrain(probe.data())
     assert state["head.weight"].abs().sum() > 0
     assert probe.pretrain_key() != zero.pretrain_key()  # a different head is a different pool entry
+
+
+def test_example_text_data_is_deterministic_balanced_and_disjoint(tmp_path):
+    from orchestrator.example_data import PACKAGES, make_text
+
+    counts = make_text(str(tmp_path / "a"))
+    make_text(str(tmp_path / "b"))
+    assert counts["train"] == 80 * len(PACKAGES) and counts["id_test"] == 50 * len(PACKAGES)
+    tables = {n: pq.read_table(tmp_path / "a" / f"{n}.parquet").to_pydict() for n in counts}
+    assert tables["train"] == pq.read_table(tmp_path / "b" / "train.parquet").to_pydict()  # same files every time
+    assert sorted(set(tables["train"]["label"])) == sorted(PACKAGES)
+    assert not set(tables["train"]["text"]) & set(tables["id_test"]["text"])  # no test text seen in training
+    assert all(set(t["label"]) <= set(PACKAGES) for t in tables.values())
