@@ -77,20 +77,21 @@ class HFTextTask(FileTask):
         super().__init__(settings)
         if self.settings["pooling"] not in ("mean", "cls"):
             raise ValueError(f"pooling: must be mean or cls, got {self.settings['pooling']!r}")
-        name = self.settings["model"]
-        self.model_path = minilm_folder() if not name else os.path.expanduser(name) if os.path.isdir(
-            os.path.expanduser(name)) else name
+        name = os.path.expanduser(self.settings["model"])
+        if os.path.isdir(name):  # absolute: trials run in their own working directory
+            self.settings["model"] = name = os.path.abspath(name)
+        self.model_path = name or minilm_folder()  # else a hub name, which transformers resolves
         self._tokenizer = None
         from transformers import AutoConfig
 
         self.config = self._from(AutoConfig)  # a wrong folder or hub name fails here, during validation
 
-    def _from(self, loader, **kw):
+    def _from(self, auto_class):
         try:
-            return loader.from_pretrained(self.model_path, **kw)
+            return auto_class.from_pretrained(self.model_path)
         except (OSError, ValueError) as e:  # not a folder, not on the hub, or offline
             raise ConfigError(f"task.model: cannot load {self.settings['model'] or self.model_path!r}: "
-                             f"{str(e).strip().splitlines()[0][:200]}") from None
+                              f"{str(e).strip().splitlines()[0][:200]}") from None
 
     @property
     def tokenizer(self):
