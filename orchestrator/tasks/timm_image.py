@@ -85,7 +85,7 @@ class TimmImageTask(FileTask):
 
         kw: dict[str, Any] = {}
         if self.settings["image_size"] and "vit" in self.settings["model"]:
-            kw["img_size"] = self.settings["image_size"]
+            kw["img_size"] = self.settings["image_size"]  # ViTs are built for one input size; convnets take any
         if not pretrained:
             return timm.create_model(self.settings["model"], num_classes=len(self.classes()), **kw)
         if self.settings["pretrained_file"]:
