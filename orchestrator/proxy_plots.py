@@ -24,6 +24,14 @@ def _panels(n: int, title: str):
     return fig, list(axes.flat[:n])
 
 
+def _width_panels(per_lr: pd.DataFrame, title: str):
+    """One panel per intervention and one colour per width: the layout of the per-LR plots."""
+    interventions = sorted(per_lr["intervention"].unique())
+    fig, axes = _panels(len(interventions), title)
+    widths = sorted(per_lr["width"].unique())
+    return fig, axes, interventions, dict(zip(widths, plt.cm.viridis(np.linspace(0, 0.9, len(widths)))))
+
+
 def _save(fig, path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -33,10 +41,7 @@ def _save(fig, path: str) -> str:
 
 def loss_vs_lr(per_lr: pd.DataFrame, path: str, title: str) -> str:
     """Final validation loss against peak LR, one line per width; x marks a diverged run (at loss_0)."""
-    interventions = sorted(per_lr["intervention"].unique())
-    fig, axes = _panels(len(interventions), title)
-    widths = sorted(per_lr["width"].unique())
-    colours = dict(zip(widths, plt.cm.viridis(np.linspace(0, 0.9, len(widths)))))
+    fig, axes, interventions, colours = _width_panels(per_lr, title)
     for ax, name in zip(axes, interventions):
         for w, g in per_lr[per_lr["intervention"] == name].groupby("width"):
             ok = g[g["loss"].notna()]
@@ -81,10 +86,7 @@ def _log_log_panel(ax, title: str, xlabel: str, threshold: float) -> None:
 
 def attn_logit_vs_lr(per_lr: pd.DataFrame, path: str, title: str, threshold: float) -> str:
     """Peak max attention logit over training against LR, one line per width."""
-    interventions = sorted(per_lr["intervention"].unique())
-    fig, axes = _panels(len(interventions), title)
-    widths = sorted(per_lr["width"].unique())
-    colours = dict(zip(widths, plt.cm.viridis(np.linspace(0, 0.9, len(widths)))))
+    fig, axes, interventions, colours = _width_panels(per_lr, title)
     for ax, name in zip(axes, interventions):
         for w, g in per_lr[per_lr["intervention"] == name].groupby("width"):
             ax.plot(g["lr"], g["attn_logit_peak"], "-o", ms=4, color=colours[w], label=f"width {w}")
