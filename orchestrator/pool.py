@@ -1,216 +1,29 @@
-"""The checkpoint pool: every ingredient's weights and metrics, on any pyarrow filesystem.
-
-Layout under the pool root (a local folder or a URI such as s3://bucket/pool):
-
-    pool.json                      marker: this folder is a pool
-    weights/<id>.safetensors       one file per ingredient (never pickle)
-    manifest/<id>.parquet          one manifest row per ingredient (a Parquet dataset)
-
-The manifest is append-only and keyed by ingredient id: each row is its own Parquet
-file named after its id, so concurrent writers never touch the same file, a
-retried writer cannot add a second row for the same id, and readers see whole rows
-only (files are written under a hidden name and renamed into place on local disks;
-object stores publish an object atomically). A row is written after its weights,
-so every row's file exists unless something outside the pool removed it.
+"""The checkpoint pool from the command line.
 
     python -m orchestrator.pool show   --pool URI
     python -m orchestrator.pool verify --pool URI   # re-hash every file, exit 1 on problems
     python -m orchestrator.pool sync-mlflow --pool URI --tracking-uri URI  # replay into MLflow
+
+The pool itself (layout, rows, atomic writes) is orchestrator/common/pool.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import hashlib
-import io
-import json
 import os
-import re
 import sys
-import uuid
-from typing import Any, Iterable
+from typing import Iterable
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.dataset as ds
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
-from orchestrator.errors import PoolError
-from orchestrator.tasks.base import StateDict
+from orchestrator.common import tracking
+from orchestrator.common.cli import run_main
+from orchestrator.common.pool import Pool, Row
 
-KINDS = ("pretrained", "trial", "soup", "proxy")
-STATUSES = ("ok", "diverged", "failed")
-
-SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("kind", pa.string()),
-    ("sweep", pa.string()),
-    ("task", pa.string()),
-    ("arch", pa.string()),  # architecture fingerprint: names, shapes, dtypes
-    ("status", pa.string()),
-    ("hparams", pa.string()),  # JSON
-    ("metrics", pa.string()),  # JSON: accuracy on every eval set, val_acc, id_acc, ood_acc
-    ("history", pa.string()),  # JSON: per-epoch metrics (lets MLflow be replayed from the pool)
-    ("parents", pa.list_(pa.string())),  # ingredient ids a soup was cooked from
-    ("weights", pa.string()),  # path relative to the pool root; "" when there are none
-    ("sha256", pa.string()),
-    ("mlflow_run_id", pa.string()),
-    ("created", pa.timestamp("us", tz="UTC")),
-])
-JSON_COLUMNS = ("hparams", "metrics", "history")
+__all__ = ["Pool", "Row", "main"]
 
 
-def safe_id(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "-", text).strip("-.")
-
-
-def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
-    try:
-        return pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise PoolError(f"pool {uri}: cannot open: {e}") from None
-
-
-class Pool:
-    def __init__(self, uri: str, create: bool = False):
-        self.fs, self.root = _resolve(uri)
-        self.uri = uri if "://" in uri else self.root  # absolute: trials run in their own folders
-        marker = f"{self.root}/pool.json"
-        try:
-            info = self.fs.get_file_info(marker)
-            if info.type == pafs.FileType.File:
-                return
-            if not create:
-                raise PoolError(f"{uri}: not a pool (no pool.json); run a sweep with --pool {uri} to create one")
-            root = self.fs.get_file_info(self.root)
-            if root.type == pafs.FileType.File:
-                raise PoolError(f"{uri}: is a file, not a pool folder")
-            if root.type == pafs.FileType.Directory and self.fs.get_file_info(pafs.FileSelector(self.root)):
-                raise PoolError(f"{uri}: folder exists, is not empty and is not a pool (no pool.json)")
-            self.fs.create_dir(self.root, recursive=True)
-            self._write(marker, json.dumps({"format": 1}).encode())
-        except OSError as e:
-            raise PoolError(f"pool {uri}: {e}") from None
-
-    # -- writing ---------------------------------------------------------------------
-
-    def _write(self, path: str, data: bytes) -> None:
-        """Publish a whole file: readers see all of it or nothing."""
-        if isinstance(self.fs, pafs.LocalFileSystem):
-            parent, name = path.rsplit("/", 1)
-            self.fs.create_dir(parent, recursive=True)
-            tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"  # hidden: the dataset reader skips it
-            with self.fs.open_output_stream(tmp) as f:
-                f.write(data)
-            self.fs.move(tmp, path)
-        else:
-            with self.fs.open_output_stream(path) as f:  # one PUT: atomic on object stores
-                f.write(data)
-
-    def has(self, ingredient_id: str) -> bool:
-        return self.fs.get_file_info(self._row_path(ingredient_id)).type == pafs.FileType.File
-
-    def _row_path(self, ingredient_id: str) -> str:
-        return f"{self.root}/manifest/{safe_id(ingredient_id)}.parquet"
-
-    def add(self, row: dict[str, Any], weights: StateDict | None = None) -> dict[str, Any]:
-        """Add one ingredient; returns its row. Adding an id that exists is a no-op."""
-        ingredient_id = safe_id(row["id"])
-        if self.has(ingredient_id):
-            return self.get(ingredient_id)
-        full = {name: None for name in SCHEMA.names}
-        full.update(row, id=ingredient_id, weights="", sha256="", parents=list(row.get("parents") or []),
-                    created=dt.datetime.now(dt.timezone.utc))
-        for col in JSON_COLUMNS:
-            full[col] = json.dumps(row.get(col) or ({} if col != "history" else []), sort_keys=True)
-        for col in ("sweep", "task", "arch", "mlflow_run_id"):
-            full[col] = full[col] or ""
-        if full["kind"] not in KINDS or full["status"] not in STATUSES:
-            raise ValueError(f"bad kind/status {full['kind']!r}/{full['status']!r}")
-        if weights is not None:
-            blob = st_save(weights)
-            full["weights"] = f"weights/{ingredient_id}.safetensors"
-            full["sha256"] = hashlib.sha256(blob).hexdigest()
-            self._write(f"{self.root}/{full['weights']}", blob)
-        table = pa.Table.from_pylist([full], schema=SCHEMA)
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        self._write(self._row_path(ingredient_id), buf.getvalue())
-        return self._decode(full)
-
-    @staticmethod
-    def digest(*parts: Any) -> str:
-        """A short content hash, for ids derived from what an ingredient was made of."""
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-    # -- reading ---------------------------------------------------------------------
-
-    def table(self) -> pa.Table:
-        manifest = f"{self.root}/manifest"
-        if self.fs.get_file_info(manifest).type != pafs.FileType.Directory:
-            return SCHEMA.empty_table()
-        return ds.dataset(manifest, schema=SCHEMA, format="parquet", filesystem=self.fs,
-                          ignore_prefixes=["."]).to_table()  # hidden = being written; "_x" ids are rows
-
-    def manifest(self) -> pd.DataFrame:
-        """One row per ingredient, oldest first; JSON columns decoded, metrics also as columns."""
-        df = self.table().to_pandas().sort_values(["created", "id"], ignore_index=True)
-        for col in JSON_COLUMNS:
-            df[col] = df[col].map(json.loads)
-        metric_cols = pd.DataFrame(list(df["metrics"]), index=df.index) if len(df) else pd.DataFrame(index=df.index)
-        return pd.concat([df, metric_cols.drop(columns=[c for c in metric_cols if c in df], errors="ignore")], axis=1)
-
-    def get(self, ingredient_id: str) -> dict[str, Any]:
-        path = self._row_path(ingredient_id)
-        try:
-            with self.fs.open_input_file(path) as f:
-                row = pq.read_table(f, schema=SCHEMA).to_pylist()[0]
-        except FileNotFoundError:
-            raise PoolError(f"{self.uri}: no ingredient {ingredient_id!r}") from None
-        return self._decode(row)
-
-    @staticmethod
-    def _decode(row: dict[str, Any]) -> dict[str, Any]:
-        return {k: json.loads(v) if k in JSON_COLUMNS and isinstance(v, str) else v for k, v in row.items()}
-
-    def load(self, ingredient: str | dict[str, Any]) -> StateDict:
-        """Read an ingredient's weights, checking the sha256 recorded in its row."""
-        row = self.get(ingredient) if isinstance(ingredient, str) else ingredient
-        if not row["weights"]:
-            raise PoolError(f"{self.uri}: ingredient {row['id']} has no weights (status {row['status']})")
-        path = f"{self.root}/{row['weights']}"
-        try:
-            with self.fs.open_input_stream(path) as f:
-                blob = f.read()
-        except FileNotFoundError:
-            raise PoolError(f"{self.uri}: weights of {row['id']} are missing ({row['weights']})") from None
-        if hashlib.sha256(blob).hexdigest() != row["sha256"]:
-            raise PoolError(f"{self.uri}: weights of {row['id']} are corrupt (sha256 mismatch, {row['weights']})")
-        return st_load(blob)
-
-    def verify(self) -> list[str]:
-        """Re-hash every weights file; returns one line per missing or corrupt file."""
-        problems = []
-        for row in self.table().to_pylist():
-            if not row["weights"]:
-                continue
-            try:
-                self.load(row)
-            except PoolError as e:
-                problems.append(str(e))
-        return problems
-
-
-# -- command line ------------------------------------------------------------------------
-
-
-def _show(pool: Pool) -> None:
+def show(pool: Pool) -> None:
     df = pool.manifest()
     if df.empty:
         print(f"{pool.uri}: empty pool")
@@ -223,9 +36,24 @@ def _show(pool: Pool) -> None:
     print(f"\n{len(df)} ingredients: " + ", ".join(f"{n} {k}" for k, n in df["kind"].value_counts().items()))
 
 
-def main(argv: Iterable[str] | None = None) -> int:
-    from orchestrator.cli import run_main
+def verify(pool: Pool) -> int:
+    problems = pool.verify()
+    for p in problems:
+        print(p, file=sys.stderr)
+    n = sum(1 for r in pool.table().column("weights").to_pylist() if r)
+    print(f"{pool.uri}: {n - len(problems)}/{n} weights files verified")
+    return 1 if problems else 0
 
+
+def sync_mlflow(pool: Pool, tracking_uri: str | None) -> int:
+    uri = tracking.resolve_uri(tracking_uri)
+    tracking.check_reachable(uri)
+    added, present = tracking.replay_pool(pool, uri)
+    print(f"{uri}: replayed {added} ingredients from {pool.uri}; {present} were already there")
+    return 0
+
+
+def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orchestrator.pool", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["show", "verify", "sync-mlflow"],
@@ -240,22 +68,11 @@ def main(argv: Iterable[str] | None = None) -> int:
     def run() -> int:
         pool = Pool(args.pool)
         if args.command == "show":
-            _show(pool)
+            show(pool)
             return 0
         if args.command == "sync-mlflow":
-            from orchestrator import tracking
-
-            uri = tracking.resolve_uri(args.tracking_uri)
-            tracking.check_reachable(uri)
-            added, present = tracking.replay_pool(pool, uri)
-            print(f"{uri}: replayed {added} ingredients from {pool.uri}; {present} were already there")
-            return 0
-        problems = pool.verify()
-        for p in problems:
-            print(p, file=sys.stderr)
-        n = sum(1 for r in pool.table().column("weights").to_pylist() if r)
-        print(f"{pool.uri}: {n - len(problems)}/{n} weights files verified")
-        return 1 if problems else 0
+            return sync_mlflow(pool, args.tracking_uri)
+        return verify(pool)
 
     return run_main(run, args.debug)
 

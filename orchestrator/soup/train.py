@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, default_collate
 
-from orchestrator.tasks.base import Examples, StateDict, Task, TaskData, to_device
+from orchestrator.soup.tasks.base import Examples, StateDict, Task, TaskData, to_device
 
 # Every hyperparameter a trial understands, with its default. The search space may
 # sample any of them; an unknown name in a config is an error.

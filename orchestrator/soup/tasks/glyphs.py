@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestrator.tasks.base import StateDict, Task, TaskData
+from orchestrator.soup.tasks.base import StateDict, Task, TaskData
 
 CHARS = string.digits + string.ascii_uppercase + string.ascii_lowercase  # digits first: 0..9
 TEXT_FONTS = [

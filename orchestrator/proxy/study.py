@@ -32,7 +32,7 @@ import yaml
 from orchestrator import tracking
 from orchestrator.cli import add_common_flags, run_main
 from orchestrator.config import merge, read_yaml, search_space
-from orchestrator.errors import ConfigError, UserError
+from orchestrator.common.errors import ConfigError, UserError
 from orchestrator.pool import Pool
 from orchestrator.proxy_trial import CHOICES, SETTINGS
 

@@ -1,4 +1,4 @@
-"""Plots people would rather look at than read."""
+"""Plots people would rather look at than read; how each recipe is drawn is its own declaration."""
 
 from __future__ import annotations
 
@@ -9,15 +9,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from orchestrator.recipes import Dish  # noqa: E402
+from orchestrator.soup.kitchen import Dish  # noqa: E402
+from orchestrator.soup.recipes import RECIPES, Marker  # noqa: E402
 
-STYLE = {  # recipe -> (marker, colour, size)
-    "zero_shot": ("*", "tab:gray", 220),
-    "best_individual": ("D", "tab:blue", 90),
-    "uniform_soup": ("s", "tab:orange", 110),
-    "greedy_soup": ("*", "tab:red", 260),
-    "ensemble": ("P", "tab:purple", 120),
-}
+OTHER = Marker("o", "black", 60)  # a recipe that declares no marker
 
 
 def soup_scatter(trials: list[dict[str, Any]], dishes: list[Dish], path: str, title: str) -> str:
@@ -27,13 +22,14 @@ def soup_scatter(trials: list[dict[str, Any]], dishes: list[Dish], path: str, ti
     ax.scatter([t["metrics"]["id_acc"] for t in ok], [t["metrics"]["ood_acc"] for t in ok],
                s=28, c="tab:green", alpha=0.55, label=f"fine-tuned models ({len(ok)})")
     for dish in dishes:
-        if dish.recipe == "wise_ft":
-            xs = [c["id_acc"] for c in dish.curve]
-            ys = [c["ood_acc"] for c in dish.curve]
-            ax.plot(xs, ys, "--o", ms=3, lw=1, label=f"WiSE-FT {dish.params['base'].replace('_', ' ')} (alpha 0..1)")
+        recipe = RECIPES[dish.recipe]
+        if recipe.curve_x and dish.curve:
+            x = [c[recipe.curve_x] for c in dish.curve]
+            ax.plot([c["id_acc"] for c in dish.curve], [c["ood_acc"] for c in dish.curve], "--o", ms=3, lw=1,
+                    label=f"{dish.label}; curve: {recipe.curve_x} {min(x):g}..{max(x):g}")
             continue
-        marker, colour, size = STYLE.get(dish.recipe, ("o", "black", 60))
-        ax.scatter([dish.metrics["id_acc"]], [dish.metrics["ood_acc"]], marker=marker, c=colour, s=size,
+        m = recipe.marker or OTHER
+        ax.scatter([dish.metrics["id_acc"]], [dish.metrics["ood_acc"]], marker=m.shape, c=m.colour, s=m.size,
                    edgecolors="black", linewidths=0.6, zorder=5, label=dish.label)
     ax.set_xlabel("in-distribution accuracy (id_test)")
     ax.set_ylabel("mean OOD accuracy")

@@ -12,7 +12,7 @@ from typing import Callable, Generic, Iterable, Sequence, TypeVar
 
 import torch
 
-from orchestrator.tasks.base import StateDict
+from orchestrator.common.weights import StateDict
 
 T = TypeVar("T")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from orchestrator.errors import ConfigError
+from orchestrator.common.errors import ConfigError
 
 
 @dataclass

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 class SoupModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from orchestrator.tasks import TASKS
+        from orchestrator.soup.tasks import TASKS
 
         cfg = context.model_config
         self.task = TASKS[cfg["task"]](cfg["settings"])

@@ -29,7 +29,7 @@ from orchestrator import tracking
 from orchestrator.pool import Pool
 from orchestrator.proxy_data import ByteCorpus
 from orchestrator.proxy_model import ModelConfig, ProxyLM, lm_loss, lr_schedule, param_groups
-from orchestrator.tasks.base import arch_fingerprint
+from orchestrator.soup.tasks.base import arch_fingerprint
 
 # Every setting of a proxy run, with its default; an intervention overrides some of them.
 SETTINGS: dict[str, Any] = {

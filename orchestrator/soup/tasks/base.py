@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-StateDict = dict[str, torch.Tensor]
+from orchestrator.common.weights import StateDict
 
 
 Inputs = Union[torch.Tensor, dict[str, torch.Tensor]]  # a batch: one tensor, or named tensors (token ids, masks)
@@ -138,9 +138,3 @@ class Task(ABC):
         keyed = {k: self.settings[k] for k in self.pretrain_settings}
         blob = json.dumps({"task": self.name, **keyed}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def arch_fingerprint(state: StateDict) -> str:
-    """Names, shapes and dtypes of every tensor: equal fingerprints can be averaged."""
-    spec = [(k, tuple(v.shape), str(v.dtype)) for k, v in sorted(state.items())]
-    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]

@@ -1,9 +1,12 @@
-"""Sweep configs: YAML files under search_spaces/, validated before Ray starts.
+"""One config mechanism for every command: defaults, a YAML file, presets, dotted
+`key=value` overrides, and a typed schema.
 
-A config is the defaults below overlaid with the YAML file, then with `key=value`
+A config is a YAML file (a path, or the name of one shipped in orchestrator/configs/),
+overlaid with one of its own `presets:` if one is asked for, then with `key=value`
 overrides from the command line (dotted keys, YAML values: `soup.greedy_accept='>'`,
-`hyperparameters.lr={loguniform: [1e-4, 1e-3]}`). Every mistake is a one-line
-ConfigError naming the file and the key.
+`hyperparameters.lr={loguniform: [1e-4, 1e-3]}`). A command's schema is its defaults
+mapping (`merge` checks every key and type against it) plus the rules of its `validate`.
+Every mistake is a one-line ConfigError naming the file and the key.
 """
 
 from __future__ import annotations
@@ -11,30 +14,13 @@ from __future__ import annotations
 import copy
 import os
 import re
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
-from orchestrator.errors import ConfigError
-from orchestrator.tasks import TASKS
-from orchestrator.train import HPARAMS, PRECISIONS
+from orchestrator.common.errors import ConfigError
 
-DEFAULTS: dict[str, Any] = {
-    "sweep": "glyphs_soup",
-    "task": {"name": "glyphs"},  # other keys are the task's settings (see the task's `defaults`)
-    "num_samples": 16,
-    "search_seed": 0,  # seeds the random search, so a sweep samples the same trials again
-    "max_concurrent_trials": 0,  # 0 = as many as the cluster's resources allow
-    "max_failures": 2,  # retries per crashed trial (each resumes from its last epoch checkpoint)
-    "resources": {"cpu": 1.0, "gpu": 0.0, "workers": 1},  # per worker; workers > 1: data-parallel Ray Train
-    "precision": "auto",  # auto: bf16 autocast on GPUs that support it, fp32 elsewhere; or fp32, bf16
-    "hyperparameters": {},  # name -> constant or distribution; see DISTRIBUTIONS
-    "soup": {
-        "greedy_accept": ">=",  # the paper's rule; ">" is the reference code's
-        "wise_ft_alphas": [round(0.1 * i, 1) for i in range(11)],
-        "bn_batches": 8,  # training batches that re-estimate BatchNorm statistics of a soup
-    },
-}
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 # How a hyperparameter may be drawn: {kind: [args]}. randint bounds are inclusive.
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
@@ -49,23 +35,40 @@ _Loader.add_implicit_resolver(
     list("-+0123456789"),
 )
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "search_spaces", "glyphs_soup.yaml")
+def config_path(given: str | None, default: str) -> str:
+    """A config file: a path as given, else the shipped config of that name (with or
+    without .yaml); none given means the command's shipped default."""
+    if given is None:
+        return os.path.join(SHIPPED, default)
+    shipped = os.path.join(SHIPPED, given if given.endswith(".yaml") else f"{given}.yaml")
+    if not os.path.exists(given) and os.sep not in given and os.path.isfile(shipped):
+        return shipped
+    return given
 
 
-def load_config(path: str | None = None, overrides: list[str] = ()) -> dict[str, Any]:
-    """Read, overlay and validate a soup-sweep config; returns a plain dict."""
-    path = path or DEFAULT_CONFIG
-    return validate(read_yaml(path, overrides), path)
+def shipped_configs() -> list[str]:
+    """Names of the configs that ship with the package (for --help)."""
+    return sorted(n[:-len(".yaml")] for n in os.listdir(SHIPPED) if n.endswith(".yaml"))
 
 
-def read_yaml(path: str, overrides: list[str] = ()) -> dict[str, Any]:
-    """A YAML mapping with `key=value` overrides applied (not yet validated)."""
+def load(path: str, validate: Callable[[dict[str, Any], str], dict[str, Any]], preset: str = "default",
+         overrides: list[str] = ()) -> dict[str, Any]:
+    """Read `path`, overlay the preset and the overrides, and check it with the command's `validate`."""
+    return validate(read(path, preset, overrides), path)
+
+
+def read(path: str, preset: str = "default", overrides: list[str] = ()) -> dict[str, Any]:
+    """A YAML mapping with a preset and `key=value` overrides applied (not yet validated).
+    `presets:` maps a name to the keys it changes; "default" is the file as it is."""
     try:
         with open(path) as f:
             raw = yaml.load(f, Loader=_Loader)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -73,7 +76,12 @@ def read_yaml(path: str, overrides: list[str] = ()) -> dict[str, Any]:
     raw = raw or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")
-    for item in overrides:
+    presets = raw.pop("presets", None) or {}
+    if not isinstance(presets, dict) or (preset != "default" and preset not in presets):
+        known = ", ".join(sorted({"default", *presets})) if isinstance(presets, dict) else "default"
+        raise ConfigError(f"{path}: presets: no preset {preset!r} (known: {known})")
+    raw = _overlay(raw, copy.deepcopy(presets.get(preset) or {}), f"{path}: presets.{preset}")
+    for item in overrides:  # the command line wins over the file and the preset
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value")
@@ -88,6 +96,15 @@ def read_yaml(path: str, overrides: list[str] = ()) -> dict[str, Any]:
     return raw
 
 
+def _overlay(base: dict, top: dict, where: str) -> dict:
+    if not isinstance(top, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {top!r}")
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _overlay(out[k], v, f"{where}.{k}") if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def _set_dotted(tree: dict, keys: list[str], value: Any, item: str) -> None:
     for k in keys[:-1]:
         tree = tree.setdefault(k, {})
@@ -96,56 +113,17 @@ def _set_dotted(tree: dict, keys: list[str], value: Any, item: str) -> None:
     tree[keys[-1]] = value
 
 
-def validate(raw: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
-    cfg = merge(DEFAULTS, raw, source)
-    task = cfg["task"]
-    if not isinstance(task.get("name"), str) or task["name"] not in TASKS:
-        raise ConfigError(f"{source}: task.name: unknown task {task.get('name')!r} (known: {', '.join(sorted(TASKS))})")
-    cfg["task"] = {"name": task["name"], **merge(TASKS[task["name"]].defaults,
-                                                  {k: v for k, v in task.items() if k != "name"}, source, "task.")}
-    try:
-        TASKS[task["name"]]({k: v for k, v in cfg["task"].items() if k != "name"})
-    except ValueError as e:
-        raise ConfigError(f"{source}: task.{e}") from None
-    for key, low in (("num_samples", 1), ("max_failures", 0), ("max_concurrent_trials", 0)):
-        if cfg[key] < low:
-            raise ConfigError(f"{source}: {key}: must be >= {low}, got {cfg[key]}")
-    for key, value in cfg["resources"].items():
-        if not _is_number(value) or value < 0:
-            raise ConfigError(f"{source}: resources.{key}: must be a number >= 0, got {value!r}")
-    if not isinstance(cfg["resources"]["workers"], int) or cfg["resources"]["workers"] < 1:
-        raise ConfigError(f"{source}: resources.workers: must be an integer >= 1, got {cfg['resources']['workers']!r}")
-    if cfg["resources"]["workers"] == 1 and cfg["resources"]["gpu"] > 1:  # one process would use only one of them
-        raise ConfigError(f"{source}: resources.gpu: {cfg['resources']['gpu']:g} GPUs for one training process; "
-                          f"for data-parallel trials set resources.gpu: 1 and resources.workers: "
-                          f"{int(cfg['resources']['gpu'])}")
-    if cfg["resources"]["workers"] > 1 and 0 < cfg["resources"]["gpu"] < 1:
-        raise ConfigError(f"{source}: resources.gpu: data-parallel workers need whole GPUs, "
-                          f"got {cfg['resources']['gpu']}")
-    if cfg["precision"] not in PRECISIONS:
-        raise ConfigError(f"{source}: precision: must be one of {', '.join(PRECISIONS)}, got {cfg['precision']!r}")
-    if cfg["soup"]["greedy_accept"] not in (">=", ">"):
-        raise ConfigError(f"{source}: soup.greedy_accept: must be '>=' or '>', got {cfg['soup']['greedy_accept']!r}")
-    for a in cfg["soup"]["wise_ft_alphas"]:
-        if not _is_number(a) or not 0 <= a <= 1:
-            raise ConfigError(f"{source}: soup.wise_ft_alphas: each alpha must be a number in [0, 1], got {a!r}")
-    for name, spec in cfg["hyperparameters"].items():
-        check_hparam(name, spec, HPARAMS, source)
-    mixup = cfg["hyperparameters"].get("mixup", 0)
-    if not TASKS[task["name"]].supports_mixup and mixup != 0:
-        raise ConfigError(f"{source}: hyperparameters.mixup: task {task['name']} has discrete inputs, "
-                          f"so mixup must be 0 (got {mixup!r})")
-    return cfg
+def check(ok: bool, source: str, where: str, message: str) -> None:
+    """One schema rule: a ConfigError `source: where: message` unless ok."""
+    if not ok:
+        raise ConfigError(f"{source}: {where}: {message}")
 
 
-def _is_number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-FREE_FORM = ("task", "hyperparameters", "evals")  # mappings of user-chosen names
-
-
-def merge(defaults: dict, given: dict, source: str, prefix: str = "", free_form=FREE_FORM) -> dict:
+def merge(defaults: dict, given: dict, source: str, prefix: str = "", free_form: tuple[str, ...] = ()) -> dict:
     """Overlay `given` on `defaults`, checking that every key exists and types agree.
 
     Keys in `free_form` take any mapping (their contents are checked by the caller)."""
@@ -164,11 +142,11 @@ def merge(defaults: dict, given: dict, source: str, prefix: str = "", free_form=
         elif isinstance(default, dict):
             out[key] = merge(default, value, source, where + ".", free_form)
         else:
-            out[key] = _check_type(value, default, source, where)
+            out[key] = check_type(value, default, source, where)
     return out
 
 
-def _check_type(value: Any, default: Any, source: str, where: str) -> Any:
+def check_type(value: Any, default: Any, source: str, where: str) -> Any:
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, int):
@@ -194,7 +172,7 @@ def check_hparam(name: str, spec: Any, known: dict[str, Any], source: str) -> No
         raise ConfigError(f"{where}: unknown hyperparameter (known: {', '.join(known)})")
     default = known[name]
     if not isinstance(spec, dict):
-        _check_type(spec, default, source, f"hyperparameters.{name}")
+        check_type(spec, default, source, f"hyperparameters.{name}")
         return
     if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
         raise ConfigError(f"{where}: expected a value or one of {{{', '.join(DISTRIBUTIONS)}: [...]}}, got {spec!r}")
@@ -203,7 +181,7 @@ def check_hparam(name: str, spec: Any, known: dict[str, Any], source: str) -> No
         raise ConfigError(f"{where}.{kind}: expected a non-empty list, got {args!r}")
     if kind in ("choice", "grid"):
         for v in args:
-            _check_type(v, default, source, f"hyperparameters.{name}.{kind}")
+            check_type(v, default, source, f"hyperparameters.{name}.{kind}")
         return
     if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
         raise ConfigError(f"{where}.{kind}: expected [low, high], got {args!r}")
@@ -238,9 +216,3 @@ def search_space(hyperparameters: dict[str, Any]) -> dict[str, Any]:
     return space
 
 
-def task_settings(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in cfg["task"].items() if k != "name"}
-
-
-def make_task(cfg: dict[str, Any]):
-    return TASKS[cfg["task"]["name"]](task_settings(cfg))

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from orchestrator.errors import UserError
-from orchestrator.tasks.base import Examples, StateDict, Task, TaskData
+from orchestrator.common.errors import UserError
+from orchestrator.soup.tasks.base import Examples, StateDict, Task, TaskData
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -256,7 +256,7 @@ class FileTask(Task):
     def linear_probe(self, model: nn.Module, train: Examples) -> tuple[np.ndarray, np.ndarray]:
         from sklearn.linear_model import LogisticRegression
 
-        from orchestrator.train import loader
+        from orchestrator.soup.train import loader
 
         model.eval()
         order = torch.arange(len(train))

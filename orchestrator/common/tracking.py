@@ -1,10 +1,9 @@
 """MLflow conventions, in one place.
 
-One experiment per sweep name; a parent run per sweep invocation; nested runs (tag
-`mlflow.parentRunId`) per trial and per recipe result. Tags users can search on:
-`orchestrator.role` (sweep / trial / recipe) and `orchestrator.recipe` (uniform_soup,
-greedy_soup, ensemble, wise_ft, best_individual, zero_shot). Metric names: val_acc,
-id_acc, ood_acc (mean over OOD sets) and acc_<eval set>.
+One experiment per sweep (or study) name; a parent run per invocation; nested runs (tag
+`mlflow.parentRunId`) per trial and per recipe result. Tags users can search on are the
+constants below (`orchestrator.role`, `orchestrator.recipe`, ...). The soup side's metric
+names: val_acc, id_acc, ood_acc (mean over OOD sets) and acc_<eval set>.
 """
 
 from __future__ import annotations
@@ -12,16 +11,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from typing import Any
 
-from orchestrator.errors import UserError
+from orchestrator.common.errors import UserError
 
 log = logging.getLogger(__name__)
 
-ROLE, RECIPE, TRIAL_ID, SWEEP = "orchestrator.role", "orchestrator.recipe", "orchestrator.trial_id", "orchestrator.sweep"
-INGREDIENT, PARENT = "orchestrator.ingredient_id", "mlflow.parentRunId"
+# Tag names: every run and every search uses these constants, never the strings.
+ROLE = "orchestrator.role"  # sweep / study / trial / recipe
+RECIPE = "orchestrator.recipe"  # the recipe's registry name
+TRIAL_ID = "orchestrator.trial_id"  # the Tune trial id (a retried trial continues its run)
+SWEEP = "orchestrator.sweep"
+INGREDIENT = "orchestrator.ingredient_id"  # the pool row it made
+STATUS = "orchestrator.status"  # the pool row's status
+POOL = "orchestrator.pool"
+REPLAYED = "orchestrator.replayed"  # logged afterwards from the pool (pool sync-mlflow)
+PARENT = "mlflow.parentRunId"
 
 # Trials give up on an unreachable server in seconds, not MLflow's default minutes of
 # retries: their results are in the pool either way (replayed with `pool sync-mlflow`).
@@ -131,27 +137,6 @@ def log_file(uri: str, run_id: str, path: str, folder: str | None = None) -> Non
     client(uri).log_artifact(run_id, path, folder)
 
 
-def log_model(uri: str, run_id: str, weights, task_name: str, settings: dict[str, Any]) -> None:
-    """Log souped weights as an MLflow pyfunc model: code + safetensors, no pickle."""
-    import mlflow
-    from safetensors.torch import save_file
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    mlflow.set_tracking_uri(uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "weights.safetensors")
-        save_file(weights, path)
-        with mlflow.start_run(run_id=run_id):
-            mlflow.pyfunc.log_model(
-                name="model",
-                python_model=os.path.join(here, "mlflow_model.py"),
-                artifacts={"weights": path},
-                model_config={"task": task_name, "settings": settings},
-                code_paths=[here],
-                pip_requirements=["torch", "safetensors", "numpy", "mlflow"],
-            )
-
-
 class TrialTracker:
     """A trial's nested run. MLflow trouble never fails the trial: it is logged and
     tracking stops for that trial (the pool keeps everything, and can be replayed)."""
@@ -211,7 +196,7 @@ def replay_pool(pool, uri: str, sweep: str | None = None, parent: str | None = N
             continue
         if exp not in parents:
             parents[exp] = parent or start_run(uri, exp, f"{row['sweep']}-replayed", "sweep",
-                                               tags={SWEEP: row["sweep"], "orchestrator.pool": pool.uri})
+                                               tags={SWEEP: row["sweep"], POOL: pool.uri})
         _replay_row(uri, exp, parents[exp], row)
         added += 1
     for run_id in parents.values():
@@ -222,8 +207,7 @@ def replay_pool(pool, uri: str, sweep: str | None = None, parent: str | None = N
 
 def _replay_row(uri: str, exp: str, parent: str, row: dict[str, Any]) -> None:
     role = "trial" if row["kind"] == "trial" else "recipe"
-    tags = {INGREDIENT: row["id"], SWEEP: row["sweep"], "orchestrator.status": row["status"],
-            "orchestrator.replayed": "true"}
+    tags = {INGREDIENT: row["id"], SWEEP: row["sweep"], STATUS: row["status"], REPLAYED: "true"}
     if role == "recipe":
         tags[RECIPE] = row["hparams"].get("recipe", "")
     run_id = start_run(uri, exp, f"{role}-{row['id']}", role, parent, tags=tags, params=row["hparams"])

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from orchestrator.errors import ConfigError
-from orchestrator.tasks.base import Examples, Inputs
-from orchestrator.tasks.user_data import DATA_DEFAULTS, FileTask
+from orchestrator.common.errors import ConfigError
+from orchestrator.soup.tasks.base import Examples, Inputs
+from orchestrator.soup.tasks.user_data import DATA_DEFAULTS, FileTask
 
 
 class ImageExamples(Examples):

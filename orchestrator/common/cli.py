@@ -1,0 +1,110 @@
+"""What every command shares: one-line errors, the flags for pool, tracking and Ray, and
+terminal output that shows our progress while library chatter goes to a log file."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import sys
+import traceback
+import warnings
+from typing import Callable
+
+from orchestrator.common.errors import UserError
+
+# Library defaults that only add noise to a command's terminal output.
+QUIET_ENV = {
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # no CSV/JSON/TensorBoard files (and hint) per trial
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # no "Downloading artifacts" bars
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # no "Creating initial MLflow database tables"
+    "RAY_AIR_NEW_OUTPUT": "0",  # Tune's legacy reporter, silent at verbose=0 (the new one prints a box anyway)
+}
+
+
+def run_main(fn: Callable[[], int], debug: bool) -> int:
+    """Run a command; bad input becomes `error: ...` on stderr and exit 2 (1 for bugs)."""
+    try:
+        return fn()
+    except UserError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - a last line of defence, not control flow
+        if debug:
+            traceback.print_exc()
+        print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def add_common_flags(parser: argparse.ArgumentParser, default_pool: str) -> None:
+    parser.add_argument("--pool", default=default_pool,
+                        help=f"checkpoint pool: a folder or a pyarrow URI such as s3://bucket/pool (default: ./{default_pool})")
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                        help="MLflow tracking store (default: $MLFLOW_TRACKING_URI, else sqlite:///$PWD/mlflow.db)")
+    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                        help="Ray cluster to attach to, e.g. auto or ray://host:10001 "
+                             "(default: $RAY_ADDRESS, else a local Ray on this machine)")
+    parser.add_argument("--storage", default="ray_results",
+                        help="where Ray Tune keeps trial checkpoints: a folder or URI (default: ./ray_results)")
+    parser.add_argument("--log-dir", default="logs",
+                        help="folder of the log file that takes Ray's, Tune's and MLflow's own messages "
+                             "(default: ./logs; its path is printed)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's, Tune's and MLflow's messages on the terminal too")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+
+def route_library_output(log_dir: str, name: str, verbose: bool) -> str:
+    """Send library logging and warnings to <log_dir>/<name>-<time>.log (and, with
+    `verbose`, to the terminal as well); returns the log file's path. Our own progress
+    lines are plain prints and stay on the terminal."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    path = os.path.abspath(os.path.join(log_dir, f"{name}-{dt.datetime.now():%Y%m%d-%H%M%S}.log"))
+    to_file = _LazyFileHandler(path)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handlers: list[logging.Handler] = [to_file]
+    if verbose:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    root = logging.getLogger()
+    root.handlers = handlers
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)  # e.g. MLflow's type-hint hint on every logged model
+    warnings.simplefilter("default")
+    for lib in ("ray", "mlflow", "alembic"):  # they install handlers of their own: send those here too
+        logging.getLogger(lib).handlers = []
+        logging.getLogger(lib).propagate = True
+    ours = logging.getLogger("orchestrator")  # our own warnings (a skipped ingredient, say) stay visible
+    ours.handlers = [] if verbose else [_terminal_handler()]
+    return path
+
+
+class _LazyFileHandler(logging.FileHandler):
+    """Creates its folder and file on the first message only: bad input writes nothing."""
+
+    def __init__(self, path: str):
+        super().__init__(path, delay=True)
+
+    def _open(self):
+        os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
+        return super()._open()
+
+
+def _terminal_handler() -> logging.Handler:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    return handler
+
+
+def quiet_ray_loggers() -> None:
+    """Ray re-installs its stderr handlers when it starts: call after ray.init."""
+    for name in ("ray", "ray.tune", "ray.train", "ray.data"):
+        lib = logging.getLogger(name)
+        lib.handlers, lib.propagate = [], True

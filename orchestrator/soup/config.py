@@ -1,0 +1,102 @@
+"""The soup sweep's config schema: its defaults and rules (read by common/config.py).
+
+The `soup:` section is built from the recipes' own declarations: `soup.recipes` picks
+which recipes run, and each recipe's params are keys beside it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orchestrator.common import config
+from orchestrator.common.config import check, check_hparam, is_number, merge
+from orchestrator.common.errors import ConfigError
+from orchestrator.soup.recipes import RECIPES, all_params, default_recipes
+from orchestrator.soup.tasks import TASKS
+from orchestrator.soup.train import HPARAMS, PRECISIONS
+
+DEFAULT_CONFIG = "glyphs_soup.yaml"  # in orchestrator/configs/
+
+DEFAULTS: dict[str, Any] = {
+    "sweep": "glyphs_soup",
+    "task": {"name": "glyphs"},  # other keys are the task's settings (see the task's `defaults`)
+    "num_samples": 16,
+    "search_seed": 0,  # seeds the random search, so a sweep samples the same trials again
+    "max_concurrent_trials": 0,  # 0 = as many as the cluster's resources allow
+    "max_failures": 2,  # retries per crashed trial (each resumes from its last epoch checkpoint)
+    "resources": {"cpu": 1.0, "gpu": 0.0, "workers": 1},  # per worker; workers > 1: data-parallel Ray Train
+    "precision": "auto",  # auto: bf16 autocast on GPUs that support it, fp32 elsewhere; or fp32, bf16
+    "hyperparameters": {},  # name -> constant or distribution; see config.DISTRIBUTIONS
+    "soup": {
+        "recipes": default_recipes(),  # which recipes to cook (and what they need)
+        "bn_batches": 8,  # training batches that re-estimate BatchNorm statistics of a soup
+        **{name: p.default for name, p in all_params().items()},  # each recipe's params
+    },
+}
+FREE_FORM = ("task", "hyperparameters", "evals")  # mappings of user-chosen names
+
+
+def load_config(path: str | None = None, overrides: list[str] = (), preset: str = "default") -> dict[str, Any]:
+    """Read, overlay and validate a soup-sweep config (a path or a shipped config's name)."""
+    return config.load(config.config_path(path, DEFAULT_CONFIG), validate, preset, overrides)
+
+
+def validate(raw: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
+    cfg = merge(DEFAULTS, raw, source, free_form=FREE_FORM)
+    _check_task(cfg, source)
+    for key, low in (("num_samples", 1), ("max_failures", 0), ("max_concurrent_trials", 0)):
+        check(cfg[key] >= low, source, key, f"must be >= {low}, got {cfg[key]}")
+    _check_resources(cfg["resources"], source)
+    check(cfg["precision"] in PRECISIONS, source, "precision",
+          f"must be one of {', '.join(PRECISIONS)}, got {cfg['precision']!r}")
+    _check_soup(cfg["soup"], source)
+    for name, spec in cfg["hyperparameters"].items():
+        check_hparam(name, spec, HPARAMS, source)
+    mixup = cfg["hyperparameters"].get("mixup", 0)
+    check(TASKS[cfg["task"]["name"]].supports_mixup or mixup == 0, source, "hyperparameters.mixup",
+          f"task {cfg['task']['name']} has discrete inputs, so mixup must be 0 (got {mixup!r})")
+    return cfg
+
+
+def _check_task(cfg: dict[str, Any], source: str) -> None:
+    task = cfg["task"]
+    check(isinstance(task.get("name"), str) and task["name"] in TASKS, source, "task.name",
+          f"unknown task {task.get('name')!r} (known: {', '.join(sorted(TASKS))})")
+    cfg["task"] = {"name": task["name"], **merge(TASKS[task["name"]].defaults,
+                                                  {k: v for k, v in task.items() if k != "name"}, source, "task.")}
+    try:
+        make_task(cfg)
+    except ValueError as e:
+        raise ConfigError(f"{source}: task.{e}") from None
+
+
+def _check_resources(res: dict[str, Any], source: str) -> None:
+    for key, value in res.items():
+        check(is_number(value) and value >= 0, source, f"resources.{key}", f"must be a number >= 0, got {value!r}")
+    check(isinstance(res["workers"], int) and res["workers"] >= 1, source, "resources.workers",
+          f"must be an integer >= 1, got {res['workers']!r}")
+    check(not (res["workers"] == 1 and res["gpu"] > 1), source, "resources.gpu",  # one process uses one GPU
+          f"{res['gpu']:g} GPUs for one training process; for data-parallel trials set resources.gpu: 1 "
+          f"and resources.workers: {int(res['gpu'])}")
+    check(not (res["workers"] > 1 and 0 < res["gpu"] < 1), source, "resources.gpu",
+          f"data-parallel workers need whole GPUs, got {res['gpu']}")
+
+
+def _check_soup(soup: dict[str, Any], source: str) -> None:
+    unknown = [r for r in soup["recipes"] if not isinstance(r, str) or r not in RECIPES]
+    check(not unknown and soup["recipes"], source, "soup.recipes",
+          f"unknown recipe {unknown[0]!r} (known: {', '.join(default_recipes())})" if unknown
+          else "must name at least one recipe")
+    check(isinstance(soup["bn_batches"], int) and soup["bn_batches"] >= 1, source, "soup.bn_batches",
+          f"must be an integer >= 1, got {soup['bn_batches']!r}")
+    for name, param in all_params().items():
+        problem = param.check(soup[name])
+        check(problem is None, source, f"soup.{name}", problem or "")
+
+
+def task_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg["task"].items() if k != "name"}
+
+
+def make_task(cfg: dict[str, Any]):
+    return TASKS[cfg["task"]["name"]](task_settings(cfg))

@@ -1,0 +1,118 @@
+"""The kitchen recipes cook in: the pool's usable ingredients (best first), weight
+loading and evaluation; and the Dish every recipe returns.
+
+Recipes live in soup/recipes/ (one file each); storing their dishes in the pool and in
+MLflow happens in soup/publish.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.common.errors import PoolError
+from orchestrator.common.pool import Pool
+from orchestrator.common.weights import StateDict, arch_fingerprint
+from orchestrator.soup.tasks.base import Task, TaskData
+from orchestrator.soup.train import (accuracy, batchnorm_buffers, device, load_into, predict_logits,
+                                     recompute_batchnorm, summarize)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Dish:
+    """What a recipe made: metrics on every eval set, the ingredient ids it used, and its
+    weights (None for an ensemble)."""
+
+    recipe: str  # the recipe's registry name
+    label: str  # how tables and plots name it
+    metrics: dict[str, float]
+    parents: list[str]
+    weights: StateDict | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    curve: list[dict[str, float]] = field(default_factory=list)  # metrics along the recipe's curve_x
+    name: str = ""  # unique among one cook's dishes (metric prefixes); default: the recipe's name
+
+    def __post_init__(self):
+        self.name = self.name or self.recipe
+
+
+class Kitchen:
+    """What recipes share: usable ingredients (best first), weight loading and evaluation."""
+
+    def __init__(self, pool: Pool, task: Task, data: TaskData, sweep: str | None, settings: dict[str, Any]):
+        """`settings`: the config's `precision` and `soup.bn_batches`."""
+        self.pool, self.task, self.data = pool, task, data
+        self.precision, self.bn_batches = settings["precision"], settings["bn_batches"]
+        self.device = device()  # soups are mixed and evaluated on the GPU when there is one
+        self.model = task.build_model().to(self.device)
+        self.bn_buffers = batchnorm_buffers(self.model)
+        df = pool.manifest()
+        pre = df[(df["kind"] == "pretrained") & (df["id"] == task.pretrained_id())]
+        if pre.empty:
+            raise PoolError(f"{pool.uri}: no pretrained weights for task {task.name} ({task.pretrained_id()})")
+        self.pretrained = pre.iloc[0].to_dict()
+        self.arch = self.pretrained["arch"]
+        trials = df[(df["kind"] == "trial") & (df["task"] == task.name)]
+        if sweep is not None:
+            trials = trials[trials["sweep"] == sweep]
+        usable, seen = [], {}
+        for row in trials.to_dict("records"):
+            if row["sha256"] and row["sha256"] in seen:  # e.g. the same sweep run twice: same seeds, same weights
+                log.warning("skipping ingredient %s: same weights as %s", row["id"], seen[row["sha256"]])
+                continue
+            seen.setdefault(row["sha256"], row["id"])
+            if row["status"] != "ok":
+                log.warning("skipping ingredient %s: status %s", row["id"], row["status"])
+            elif row["arch"] != self.arch:
+                log.warning("skipping ingredient %s: architecture %s differs from the pretrained %s",
+                            row["id"], row["arch"], self.arch)
+            else:
+                usable.append(row)
+        self.ingredients = sorted(usable, key=lambda r: (-r["metrics"]["val_acc"], r["id"]))
+        self._loadable = None
+
+    def loadable(self) -> list[dict[str, Any]]:
+        """Ingredients whose weights verify; a missing or corrupt file is skipped with a warning."""
+        if self._loadable is None:
+            self._loadable = []
+            for row in self.ingredients:
+                try:
+                    self.pool.load(row)
+                    self._loadable.append(row)
+                except Exception as e:  # noqa: BLE001 - PoolError or a truncated safetensors file
+                    log.warning("skipping ingredient %s: %s", row["id"], e)
+        return self._loadable
+
+    def load(self, row: dict[str, Any]) -> StateDict:
+        state = self.pool.load(row)
+        if arch_fingerprint(state) != self.arch:
+            raise ValueError(f"ingredient {row['id']}: weights do not match its architecture fingerprint")
+        return {k: v.to(self.device) for k, v in state.items()}
+
+    def evaluate(self, state: StateDict, sets: list[str] | None = None, soup: bool = True) -> dict[str, float]:
+        """Accuracy on the named eval sets (default all). Averaged weights (`soup`) of a model
+        with BatchNorm get fresh running statistics from a few training batches first."""
+        load_into(self.model, state)
+        if soup and self.bn_buffers:
+            recompute_batchnorm(self.task, self.model, self.data.train, self.bn_batches,
+                                precision=self.precision)
+            fresh = self.model.state_dict()
+            state.update({k: fresh[k].detach().clone() for k in self.bn_buffers})  # the soup keeps its statistics
+        names = sets or list(self.data.evals)
+        acc = {n: accuracy(self.logits(n), self.data.evals[n].labels) for n in names}
+        return summarize(acc, self.data)
+
+    def logits(self, eval_set: str):
+        return predict_logits(self.task, self.model, self.data.evals[eval_set], precision=self.precision)
+
+    def val_acc(self, state: StateDict) -> float:
+        return self.evaluate(state, [self.data.val])["val_acc"]
+
+
+def check_cookable(kitchen: Kitchen) -> None:
+    """At least one ingredient survives the checks (status, architecture, sha256)."""
+    if not kitchen.loadable():
+        raise PoolError(f"{kitchen.pool.uri}: no usable trial ingredients to cook from")

@@ -1,0 +1,111 @@
+"""Recipes cooked from the pool: one file per recipe in this folder, each a `Recipe`
+subclass registered with `@register`, found and imported automatically.
+
+A recipe declares what the rest of the product needs to know about it, and everything
+else is driven by those declarations, never by recipe names: config validation (its
+`params` become keys under `soup:`), which recipes must be cooked before it (`needs`),
+whether its weights are new and go to the pool and MLflow (`produces_weights`), where the
+summary table lists it (`position`) and how the plot draws it (`marker`, or a curve over
+`curve_x`). `cook` does the math through the Kitchen and does no I/O of its own.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+if TYPE_CHECKING:
+    from orchestrator.soup.kitchen import Dish, Kitchen
+
+
+@dataclass(frozen=True)
+class Param:
+    """A recipe setting: the config key `soup.<name>`, its type, default and rule."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    check: Callable[[Any], str | None] = lambda value: None  # why a value is wrong, or None
+
+
+@dataclass(frozen=True)
+class Marker:
+    """How the ID-vs-OOD plot draws a recipe's point."""
+
+    shape: str
+    colour: str
+    size: int
+
+
+class Recipe:
+    name: ClassVar[str]  # registry name: `soup.recipes` entries, the MLflow tag orchestrator.recipe
+    label: ClassVar[str]  # how tables and plots name it
+    position: ClassVar[int]  # where the summary table and the default `soup.recipes` list put it
+    params: ClassVar[tuple[Param, ...]] = ()
+    needs: ClassVar[tuple[str, ...]] = ()  # recipes whose dishes `cook` reads from `cooked`
+    produces_weights: ClassVar[bool] = False  # new weights: stored in the pool and as an MLflow model
+    marker: ClassVar[Marker | None] = None  # a point on the plot ...
+    curve_x: ClassVar[str | None] = None  # ... or a curve over this parameter (Dish.curve)
+
+    @staticmethod
+    def cook(k: Kitchen, params: dict[str, Any], cooked: dict[str, Dish]) -> list[Dish]:
+        raise NotImplementedError
+
+
+RECIPES: dict[str, type[Recipe]] = {}
+
+
+def register(cls: type[Recipe]) -> type[Recipe]:
+    RECIPES[cls.name] = cls
+    return cls
+
+
+def ordered(names) -> list[str]:
+    """The named recipes and everything they need, each after its needs, else by position.
+    Unknown names raise KeyError."""
+    out: list[str] = []
+
+    def visit(name: str) -> None:
+        for need in RECIPES[name].needs:
+            visit(need)
+        if name not in out:
+            out.append(name)
+
+    for name in sorted(set(names), key=lambda n: RECIPES[n].position):
+        visit(name)
+    return out
+
+
+def default_recipes() -> list[str]:
+    return sorted(RECIPES, key=lambda n: RECIPES[n].position)
+
+
+def all_params() -> dict[str, Param]:
+    """Every recipe's settings by config key (the `soup:` section of the schema)."""
+    return {p.name: p for recipe in RECIPES.values() for p in recipe.params}
+
+
+def cook(kitchen: Kitchen, names: list[str], settings: dict[str, Any]) -> list[Dish]:
+    """Cook the named recipes and what they need, each with its params from `settings`
+    (the config's `soup:` section); returns every dish, weights on the CPU."""
+    from orchestrator.soup.kitchen import check_cookable
+
+    check_cookable(kitchen)
+    cooked: dict[str, Dish] = {}
+    dishes: list[Dish] = []
+    for name in ordered(names):
+        recipe = RECIPES[name]
+        for dish in recipe.cook(kitchen, {p.name: settings[p.name] for p in recipe.params}, cooked):
+            cooked.setdefault(name, dish)
+            dishes.append(dish)
+    for dish in dishes:  # the pool and MLflow store CPU tensors
+        if dish.weights is not None:
+            dish.weights = {k: v.detach().cpu().contiguous() for k, v in dish.weights.items()}
+    return dishes
+
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

@@ -1,0 +1,45 @@
+"""WiSE-FT (Wortsman et al., CVPR 2022): interpolate from the zero-shot weights towards
+the best individual and towards the greedy soup, (1 - alpha) * zero-shot + alpha * fine-tuned."""
+
+from orchestrator.common.config import is_number
+from orchestrator.soup import merge
+from orchestrator.soup.kitchen import Dish
+from orchestrator.soup.recipes import Param, Recipe, register
+
+
+def _alphas_rule(alphas):
+    bad = next((a for a in alphas if not is_number(a) or not 0 <= a <= 1), None)
+    return None if bad is None else f"each alpha must be a number in [0, 1], got {bad!r}"
+
+
+@register
+class WiseFT(Recipe):
+    name, label, position = "wise_ft", "WiSE-FT", 60
+    params = (Param("wise_ft_alphas", list, [round(0.1 * i, 1) for i in range(11)],
+                    "alphas of the curve; the table shows the one nearest 0.5", _alphas_rule),)
+    needs = ("best_individual", "greedy_soup")
+    produces_weights = True
+    curve_x = "alpha"
+
+    @staticmethod
+    def cook(k, params, cooked):
+        zero = k.load(k.pretrained)
+        alphas = sorted(params["wise_ft_alphas"])
+        mid = min(alphas, key=lambda a: abs(a - 0.5))  # the recommended alpha, or the nearest on the grid
+        dishes = []
+        for base_name in WiseFT.needs:
+            base = cooked[base_name]
+            curve, mid_state = [], None
+            for alpha in alphas:
+                state = merge.interpolate(zero, base.weights, alpha)
+                mixed = 0 < alpha < 1 or (alpha == 1 and len(base.parents) > 1)  # else one model's own weights
+                curve.append({"alpha": alpha, **k.evaluate(state, soup=mixed)})
+                if alpha == mid:
+                    mid_state = state
+            point = next(c for c in curve if c["alpha"] == mid)
+            dishes.append(Dish("wise_ft", f"{WiseFT.label} {base.label.split(' (')[0]} a={mid:g}",
+                               {m: v for m, v in point.items() if m != "alpha"},
+                               [k.pretrained["id"], *base.parents], mid_state,
+                               params={"alpha": mid, "base": base_name}, curve=curve,
+                               name=f"wise_ft_{base_name}"))
+        return dishes

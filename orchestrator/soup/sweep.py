@@ -1,0 +1,241 @@
+"""Fine-tune one pretrained model many times with Ray Tune, then cook model soups.
+
+    python -m orchestrator.soup_sweep                     # the embedded default, local Ray
+    python -m orchestrator.soup_sweep --num-samples 32 soup.greedy_accept='>'
+    python -m orchestrator.soup_sweep --skip-train        # re-cook soups from the pool
+    python -m orchestrator.soup_sweep --resume            # continue after the driver was killed
+    python -m orchestrator.soup_sweep --config minilm_text_example   # a real model (a shipped config)
+    python -m orchestrator.soup_sweep soup.recipes='[uniform_soup, greedy_soup]'   # only some recipes
+
+Steps: check every input (config, data, MLflow, Ray address, storage, pool); set up
+(the pretrained weights, cached in the pool; the MLflow parent run); train (fan the trials
+out with Ray Tune: each lands in the pool and in MLflow); cook the recipes from the pool;
+publish the dishes to the pool and MLflow; report (plot and summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+import tempfile
+import time
+
+from orchestrator.common import tracking, tune
+from orchestrator.common.cli import add_common_flags, route_library_output, run_main
+from orchestrator.common.config import search_space, shipped_configs
+from orchestrator.common.errors import PoolError, UserError
+from orchestrator.common.pool import Pool, Row
+from orchestrator.soup.config import DEFAULT_CONFIG, load_config, make_task
+from orchestrator.soup.kitchen import Kitchen, check_cookable
+from orchestrator.soup.pretrained import ensure_pretrained
+from orchestrator.soup.publish import Publisher, parent_metrics, summary_table
+from orchestrator.soup.recipes import RECIPES, cook, default_recipes, ordered
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m orchestrator.soup_sweep", description=__doc__, epilog=_recipes_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None,
+                   help=f"search-space YAML: a path, or a shipped config's name ({', '.join(shipped_configs())}); "
+                        f"default: {DEFAULT_CONFIG[:-5]}")
+    p.add_argument("--num-samples", type=int, default=None, help="number of fine-tuning trials (overrides num_samples)")
+    p.add_argument("--preset", default="default", help="a preset of the YAML's `presets:` (default: the file as it is)")
+    add_common_flags(p, default_pool="pool")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--skip-train", action="store_true", help="cook and evaluate soups from the existing pool only")
+    mode.add_argument("--resume", action="store_true",
+                      help="continue this sweep's newest interrupted Tune run under --storage (Tuner.restore): "
+                           "finished trials are kept, unfinished ones resume from their last epoch checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides with dotted keys and YAML values, e.g. task.width=48 soup.greedy_accept='>'")
+    return p.parse_args(argv)
+
+
+def _recipes_help() -> str:
+    lines = ["recipes (soup.recipes; each one's settings are keys under soup:):"]
+    for name in default_recipes():
+        r = RECIPES[name]
+        params = ", ".join(f"soup.{p.name} ({p.type.__name__}, default {p.default!r})" for p in r.params)
+        needs = f"; needs {', '.join(r.needs)}" if r.needs else ""
+        lines.append(f"  {name:16s} {r.label}{needs}{'; ' + params if params else ''}")
+    return "\n".join(lines)
+
+
+class SoupSweep:
+    """One invocation of the sweep: each step hands its results to the next through the object."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.t0 = time.time()
+        self.resume_path: str | None = None
+        self.kitchen: Kitchen | None = None
+        self.dishes = []
+
+    def check_inputs(self) -> None:
+        """Every input is read and checked before anything is written."""
+        args = self.args
+        overrides = list(args.overrides) + ([f"num_samples={args.num_samples}"] if args.num_samples is not None else [])
+        self.cfg = load_config(args.config, overrides, args.preset)
+        self.task = make_task(self.cfg)
+        self.data = self.task.data()  # the user's files are read and checked here
+        self.uri = tracking.resolve_uri(args.tracking_uri)
+        tracking.check_reachable(self.uri)
+        if not args.skip_train:
+            tune.check_address(args.address)
+            tune.storage_fs(args.storage)  # a malformed storage URI is an input error too
+        if args.resume:
+            self.resume_path = tune.latest_run(args.storage, self.cfg["sweep"])
+            if self.resume_path is None:
+                raise UserError(f"--resume: no run of sweep {self.cfg['sweep']!r} to restore under {args.storage}")
+        self.pool = Pool(args.pool, create=not args.skip_train)
+        if args.skip_train and not self.pool.has(self.task.pretrained_id()):
+            raise PoolError(f"{self.pool.uri}: no pretrained weights for task {self.task.name} "
+                            f"({self.task.pretrained_id()}), so nothing to cook from; "
+                            "run a sweep without --skip-train first")
+        if args.skip_train:  # a pool with nothing to cook is an error before MLflow is touched
+            check_cookable(self.make_kitchen())
+
+    def setup(self) -> None:
+        """The shared starting weights, and the sweep's MLflow parent run."""
+        cfg, args = self.cfg, self.args
+        self.pretrained = (self.pool.get(self.task.pretrained_id()) if args.skip_train
+                           else ensure_pretrained(self.pool, self.task, self.data, cfg["sweep"]))
+        self.experiment = tracking.experiment_id(self.uri, cfg["sweep"])
+        self.started = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.parent = tracking.start_run(
+            self.uri, self.experiment, f"{cfg['sweep']}-{self.started}", "sweep",
+            tags={tracking.SWEEP: cfg["sweep"], tracking.POOL: self.pool.uri},
+            params={"pool": self.pool.uri, "skip_train": args.skip_train, "resumed": self.resume_path or "",
+                    "task": self.task.name, "num_samples": cfg["num_samples"], "pretrained_id": self.pretrained["id"]})
+        tracking.log_dict(self.uri, self.parent, self.cfg, "config.yaml")  # reusable as --config
+
+    def train(self) -> None:
+        """Fan the trials out with Ray Tune; each one publishes itself to the pool and MLflow."""
+        from orchestrator.soup.trial import SweepContext, run_trial
+
+        cfg, args = self.cfg, self.args
+        size = tune.connect(args.address, args.verbose)
+        tracking.log_params(self.uri, self.parent, size)
+        print(f"Ray: {size['ray_nodes']} node(s), {size['ray_cpus']:g} CPUs, {size['ray_gpus']:g} GPUs; "
+              + (f"resuming {self.resume_path}" if self.resume_path else f"running {cfg['num_samples']} trials"),
+              flush=True)
+        res = cfg["resources"]
+        ctx = SweepContext(sweep=cfg["sweep"], pool_uri=self.pool.uri, tracking_uri=self.uri,
+                           experiment_id=self.experiment, parent_run_id=self.parent,
+                           cpus_per_trial=int(max(1, res["cpu"])), task_name=self.task.name,
+                           task_settings=self.task.model_settings(), pretrained_id=self.pretrained["id"],
+                           precision=cfg["precision"], resources=dict(res), storage=args.storage)
+        from ray import tune as ray_tune
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        run = tune.TuneRun(
+            name=f"{cfg['sweep']}-{self.started}", storage=args.storage,
+            trainable=ray_tune.with_parameters(run_trial, ctx=ctx, data=self.data),
+            # a data-parallel trial only waits on its Ray Train workers, which ask for the resources
+            resources={"cpu": res["cpu"], "gpu": res["gpu"]} if res["workers"] == 1 else {"cpu": 0.01},
+            max_failures=cfg["max_failures"], total=cfg["num_samples"], describe=describe_trial)
+        if self.resume_path:
+            results = run.restore(self.resume_path)
+        else:
+            results = run.fit(search_space(cfg["hyperparameters"]), tune.tune_options(
+                metric="val_acc", mode="max", num_samples=cfg["num_samples"],
+                # the cap goes on the generator: Tune ignores max_concurrent_trials with an explicit one
+                search_alg=BasicVariantGenerator(random_state=cfg["search_seed"],
+                                                 max_concurrent=cfg["max_concurrent_trials"])))
+        for failed in tune.failed_trials(results):
+            print(f"trial {failed.trial_id} failed after {cfg['max_failures']} retries: {failed.error}",
+                  file=sys.stderr)
+            self.pool.add(Row(id=failed.trial_id, kind="trial", sweep=cfg["sweep"], task=self.task.name,
+                              status="failed", parents=[self.pretrained["id"]]))
+        added, _ = tracking.replay_pool(self.pool, self.uri, sweep=cfg["sweep"], parent=self.parent)
+        if added:  # trials that could not reach MLflow (e.g. a server bound to the head's 127.0.0.1)
+            print(f"MLflow: logged {added} trial(s) from the pool that could not log themselves")
+
+    def make_kitchen(self) -> Kitchen:
+        self.kitchen = Kitchen(self.pool, self.task, self.data, sweep=self.cfg["sweep"],
+                               settings={"precision": self.cfg["precision"], "bn_batches": self.cfg["soup"]["bn_batches"]})
+        return self.kitchen
+
+    def cook(self) -> None:
+        asked = self.cfg["soup"]["recipes"]
+        names = ordered(asked)
+        pulled = [n for n in names if n not in asked]
+        if pulled:
+            print(f"soup.recipes: also cooking {', '.join(pulled)} (needed by "
+                  f"{', '.join(n for n in asked if set(RECIPES[n].needs) & set(pulled))})")
+        print("cooking soups from the pool ...", flush=True)
+        kitchen = self.make_kitchen()  # after training: it reads the pool's trials
+        t_cook = time.time()
+        self.dishes = cook(kitchen, names, self.cfg["soup"])
+        print(f"cooked {len(self.dishes)} dishes on {kitchen.device.type} in {time.time() - t_cook:.1f} s", flush=True)
+
+    def publish(self) -> None:
+        Publisher(self.pool, self.uri, self.experiment, self.parent).serve(self.dishes, self.cfg["sweep"], self.task)
+
+    def report(self) -> None:
+        from orchestrator.soup.plots import soup_scatter
+
+        uri, parent, kitchen = self.uri, self.parent, self.kitchen
+        with tempfile.TemporaryDirectory() as tmp:
+            plot = soup_scatter(kitchen.ingredients, self.dishes, os.path.join(tmp, "soups_id_vs_ood.png"),
+                                f"{self.cfg['sweep']}: {len(kitchen.ingredients)} fine-tuned models and their soups")
+            tracking.log_file(uri, parent, plot)
+            manifest = os.path.join(tmp, "manifest.parquet")
+            self.pool.manifest()[lambda df: df.columns[:14]].to_parquet(manifest)
+            tracking.log_file(uri, parent, manifest)
+        tracking.log_metrics(uri, parent, parent_metrics(self.dishes))
+        print()
+        print(summary_table(self.dishes))
+        print(f"\n{len(kitchen.ingredients)} usable ingredients; finished in {time.time() - self.t0:.0f} s")
+        print(f"pool:   {self.pool.uri}  (python -m orchestrator.pool show --pool {self.pool.uri})")
+        print(f"MLflow: {uri}, experiment {self.cfg['sweep']!r}, parent run {parent}")
+        print(f"        browse with: mlflow ui --backend-store-uri {uri}")
+        print("plot:   artifact soups_id_vs_ood.png on the parent run")
+        print(f"log:    {self.args.log_file}  (Ray's, Tune's and MLflow's own messages)")
+
+    def run(self) -> int:
+        self.check_inputs()
+        self.setup()
+        status, lost = "FAILED", None
+        try:
+            if not self.args.skip_train:
+                self.train()
+            self.cook()
+            self.publish()
+            self.report()
+            status = "FINISHED"
+        except Exception:
+            lost = tracking.unreachable(self.uri)
+            if lost:  # MLflow went away mid-sweep: the pool has every finished trial
+                raise UserError(f"tracking URI {self.uri}: {lost} during the sweep; finished trials are in the pool: "
+                                f"replay them with `python -m orchestrator.pool sync-mlflow --pool {self.pool.uri} "
+                                f"--tracking-uri {self.uri}`, then cook with --skip-train") from None
+            raise
+        finally:
+            if not lost:
+                tracking.end_run(self.uri, self.parent, status)
+        return 0
+
+
+def describe_trial(config: dict, result: dict) -> str:
+    """The progress line of a finished trial."""
+    if result.get("diverged"):
+        outcome = "DIVERGED"
+    elif "val_acc" in result:
+        outcome = f"val {result['val_acc']:.4f}  ID {result.get('id_acc', float('nan')):.4f}"
+    else:
+        outcome = "no result"
+    return (f"lr {config.get('lr', float('nan')):.2e} epochs {config.get('epochs', '?')} "
+            f"{result.get('examples_per_second', 0):.0f} ex/s: {outcome}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.log_file = route_library_output(args.log_dir, "soup_sweep", args.verbose)
+    return run_main(lambda: SoupSweep(args).run(), args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""The soup sweep's Ray Tune trial: fine-tune from the pool's pretrained weights,
+checkpoint and report every epoch, and publish the final weights to the pool and MLflow
+(the shared steps are common/trial.py's)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from orchestrator.common.pool import Row
+from orchestrator.common.trial import Reporter, Trial, TrialContext, maybe_crash
+from orchestrator.common.tune import storage_fs
+from orchestrator.common.weights import arch_fingerprint
+from orchestrator.soup.tasks import TASKS
+from orchestrator.soup.tasks.base import TaskData
+from orchestrator.soup.train import FineTune, evaluate
+
+
+@dataclass
+class SweepContext(TrialContext):
+    """Everything a soup trial needs besides its hyperparameters."""
+
+    task_name: str = ""
+    task_settings: dict[str, Any] = field(default_factory=dict)
+    pretrained_id: str = ""
+    precision: str = "auto"
+    resources: dict[str, Any] = field(default_factory=lambda: {"cpu": 1, "gpu": 0, "workers": 1})
+    storage: str = ""  # Tune storage; data-parallel trials keep their Ray Train runs under it
+
+
+def run_trial(hp: dict[str, Any], ctx: SweepContext, data: TaskData) -> None:
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id()
+    trial = Trial(ctx, trial_id, Reporter(tune))
+    done = trial.published()
+    if done:  # nothing to redo: report what it got
+        tune.report({"val_acc": 0.0, **done["metrics"], "ingredient_id": trial_id})
+        return
+    if ctx.resources["workers"] > 1:
+        run_data_parallel(hp, ctx, data, trial_id)
+    else:
+        fine_tune(hp, ctx, data, trial)
+
+
+def run_data_parallel(hp: dict[str, Any], ctx: SweepContext, data: TaskData, trial_id: str) -> None:
+    """Several workers (GPUs) for one trial: a Ray Train TorchTrainer started inside the Tune
+    trial. Its run is named after the trial, so a retried trial resumes from the run's last
+    checkpoint; TuneReportCallback forwards rank 0's metrics to Tune."""
+    import ray
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    res = ctx.resources
+    fs, root = storage_fs(ctx.storage)
+    trainer = TorchTrainer(
+        _data_parallel_worker,
+        train_loop_config={"hp": hp, "ctx": ctx, "data": ray.put(data), "trial_id": trial_id},
+        scaling_config=ScalingConfig(
+            num_workers=res["workers"], use_gpu=res["gpu"] > 0,
+            resources_per_worker={"CPU": res["cpu"], **({"GPU": res["gpu"]} if res["gpu"] else {})}),
+        run_config=RunConfig(name=f"{ctx.sweep}-data-parallel-{trial_id}", storage_path=f"{root}/data-parallel",
+                             storage_filesystem=fs, callbacks=[TuneReportCallback()],
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    )
+    trainer.fit()
+
+
+def _data_parallel_worker(config: dict[str, Any]) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    rank = ray.train.get_context().get_world_rank()
+    if torch.cuda.is_available():  # "cuda" then means this worker's own GPU
+        torch.cuda.set_device(ray.train.torch.get_device())
+    fine_tune(config["hp"], config["ctx"], ray.get(config["data"]), config["trial_id"], Reporter(ray.train, rank),
+              world=ray.train.get_context().get_world_size(), wrap=ray.train.torch.prepare_model)
+
+
+def _data_parallel_worker(config: dict[str, Any]) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    if torch.cuda.is_available():  # "cuda" then means this worker's own GPU
+        torch.cuda.set_device(ray.train.torch.get_device())
+    trial = Trial(config["ctx"], config["trial_id"], Reporter(ray.train, context.get_world_rank()))
+    fine_tune(config["hp"], config["ctx"], ray.get(config["data"]), trial,
+              parallel=(context.get_world_size(), ray.train.torch.prepare_model))
+
+
+def fine_tune(hp: dict[str, Any], ctx: SweepContext, data: TaskData, trial: Trial, parallel=(1, None)) -> None:
+    """Fine-tune from the pool's pretrained weights; checkpoint and report every epoch; the
+    final weights go to the pool before the last report. `parallel`: (world size, model wrapper)."""
+    task = TASKS[ctx.task_name](ctx.task_settings)
+    pretrained = trial.pool.load(ctx.pretrained_id)
+    world, wrap = parallel
+    run = FineTune(task, data, pretrained, hp, precision=ctx.precision, rank=trial.reporter.rank, world=world,
+                   wrap=wrap)
+    trial.track(f"trial-{trial.id}", run.hp)
+    if trial.resume(run):  # a retried trial resumes from its last finished epoch
+        print(f"trial {trial.id}: resuming after epoch {run.epoch} from its checkpoint")
+
+    def row(status: str, metrics: dict[str, float], arch: str) -> Row:
+        return Row(id=trial.id, kind="trial", sweep=ctx.sweep, task=task.name, status=status, hparams=run.hp,
+                   metrics=metrics, history=run.history, parents=[ctx.pretrained_id], arch=arch)
+
+    while not run.done:
+        t0 = time.time()
+        loss = run.run_epoch()
+        seconds = time.time() - t0
+        if not math.isfinite(loss):
+            metrics = {"train_loss": loss, "diverged": 1.0}
+            trial.publish(row("diverged", metrics, arch_fingerprint(pretrained)), mlflow_status="FAILED")
+            trial.report({**metrics, "epoch": run.epoch + 1, "val_acc": 0.0, "ingredient_id": trial.id})
+            return
+        metrics = {"train_loss": loss, "epoch_seconds": seconds,
+                   "examples_per_second": len(data.train) / seconds}
+        if not trial.lead:
+            trial.report({**metrics, "epoch": run.epoch})
+            continue
+        metrics.update(evaluate(task, run.model, data, precision=ctx.precision))
+        run.history.append({"epoch": run.epoch, **metrics})
+        trial.mlflow.metrics(metrics, step=run.epoch)
+        report = {**metrics, "epoch": run.epoch, "diverged": 0.0}
+        if run.done:  # final epoch: publish to the pool before the last report
+            weights = run.weights()
+            trial.publish(row("ok", metrics, arch_fingerprint(weights)), weights)
+            report["ingredient_id"] = trial.id
+        trial.report(report, run)
+        maybe_crash(trial.id, run.epoch)
