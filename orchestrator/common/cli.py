@@ -104,7 +104,7 @@ def _terminal_handler() -> logging.Handler:
 
 
 def quiet_ray_loggers() -> None:
-    """Ray re-installs its stderr handlers when it starts: call after ray.init."""
+    """`import ray` installs stderr handlers of its own: call after it, before ray.init."""
     for name in ("ray", "ray.tune", "ray.train", "ray.data"):
         lib = logging.getLogger(name)
         lib.handlers, lib.propagate = [], True

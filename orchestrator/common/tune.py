@@ -37,6 +37,8 @@ def connect(address: str | None, verbose: bool = False) -> dict[str, Any]:
     reaches the terminal only with `verbose` (it is in Ray's session logs either way)."""
     import ray
 
+    if not verbose:  # importing ray installed its stderr handlers
+        quiet_ray_loggers()
     if not ray.is_initialized():
         try:
             # "local": a fresh Ray on this machine, as documented, never a stale `ray start` cluster
@@ -45,8 +47,6 @@ def connect(address: str | None, verbose: bool = False) -> dict[str, Any]:
         except (ConnectionError, RuntimeError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"Ray address {address!r}: cannot connect ({first[:200]})") from None
-        if not verbose:
-            quiet_ray_loggers()
     res = ray.cluster_resources()
     return {"ray_nodes": len([n for n in ray.nodes() if n.get("Alive")]),
             "ray_cpus": res.get("CPU", 0), "ray_gpus": res.get("GPU", 0)}

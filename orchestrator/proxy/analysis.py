@@ -14,10 +14,14 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
+
+from orchestrator.proxy.config import run_key
+from orchestrator.proxy.model import count_params
+from orchestrator.proxy.run import model_config
 
 
 def _clipped(losses: Iterable[float], loss_0: float) -> np.ndarray:
@@ -175,3 +179,23 @@ def forecast_table(runs: pd.DataFrame, target_params: float, threshold: float = 
                      "largest_measured": float(g["attn_logit_probe"].max()), **fit,
                      "flag": bool(fit["forecast"] > threshold)})
     return pd.DataFrame(rows)
+
+
+def study_tables(cfg: dict[str, Any], manifest: pd.DataFrame) -> dict[str, Any] | None:
+    """Every table of a study, from the pool's manifest alone; None if the pool has no runs
+    of this study on this grid with these settings."""
+    grid = cfg["grid"]
+    keys = {name: run_key(cfg, name) for name in grid["interventions"]}
+    runs = runs_from_manifest(manifest[manifest["status"] != "failed"] if len(manifest) else manifest,
+                              cfg["study"], keys)
+    runs = runs[runs["width"].isin(grid["widths"]) & runs["lr"].isin(grid["lrs"]) & runs["seed"].isin(grid["seeds"])]
+    if runs.empty:
+        return None
+    target_width = cfg["analysis"]["target_width"]
+    target_params = count_params(model_config(cfg["settings"], target_width))
+    table = sensitivity_table(runs)
+    return {"runs": runs, "per_lr": per_lr(runs), "table": table,
+            "transfer": transfer_table(table, target_width),
+            "forecast": forecast_table(runs, target_params, cfg["analysis"]["logit_threshold"]),
+            "target_width": target_width, "target_params": target_params,
+            "expected_runs": len(grid["widths"]) * len(grid["lrs"]) * len(grid["interventions"]) * len(grid["seeds"])}
