@@ -137,14 +137,14 @@ class SoupSweep:
             resources={"cpu": res["cpu"], "gpu": res["gpu"]} if res["workers"] == 1 else {"cpu": 0.01},
             max_failures=cfg["max_failures"], total=cfg["num_samples"], describe=describe_trial)
         if self.resume_path:
-            results = run.restore(self.resume_path)
+            self.results = run.restore(self.resume_path)
         else:
-            results = run.fit(search_space(cfg["hyperparameters"]), tune.tune_options(
+            self.results = run.fit(search_space(cfg["hyperparameters"]), tune.tune_options(
                 metric="val_acc", mode="max", num_samples=cfg["num_samples"],
                 # the cap goes on the generator: Tune ignores max_concurrent_trials with an explicit one
                 search_alg=BasicVariantGenerator(random_state=cfg["search_seed"],
                                                  max_concurrent=cfg["max_concurrent_trials"])))
-        for failed in tune.failed_trials(results):
+        for failed in tune.failed_trials(self.results):
             print(f"trial {failed.trial_id} failed after {cfg['max_failures']} retries: {failed.error}",
                   file=sys.stderr)
             self.pool.add(Row(id=failed.trial_id, kind="trial", sweep=cfg["sweep"], task=self.task.name,
