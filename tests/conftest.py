@@ -6,12 +6,6 @@ import pytest
 
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no TensorBoard/CSV/JSON per trial
 
-# A tiny glyph task: seconds to pretrain, same code paths as the default.
-TINY_TASK = [
-    "task.width=8", "task.pretrain_per_glyph=2", "task.pretrain_epochs=1", "task.ood_font_per_digit=3",
-    "hyperparameters.epochs={randint: [1, 2]}", "hyperparameters.lr={loguniform: [1.0e-3, 3.0e-3]}",
-]
-
 
 @pytest.fixture(scope="session")
 def ray_session():

@@ -9,7 +9,6 @@ import logging
 import os
 import sys
 import traceback
-import warnings
 from typing import Callable
 
 from orchestrator.common.errors import UserError
@@ -69,20 +68,24 @@ def route_library_output(log_dir: str, name: str, verbose: bool) -> str:
     path = os.path.abspath(os.path.join(log_dir, f"{name}-{dt.datetime.now():%Y%m%d-%H%M%S}.log"))
     to_file = _LazyFileHandler(path)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handlers: list[logging.Handler] = [to_file]
-    if verbose:
-        handlers.append(logging.StreamHandler(sys.stderr))
     root = logging.getLogger()
-    root.handlers = handlers
+    _replace_ours(root, [to_file, *([logging.StreamHandler(sys.stderr)] if verbose else [])])
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)  # e.g. MLflow's type-hint hint on every logged model
-    warnings.simplefilter("default")
     for lib in ("ray", "mlflow", "alembic"):  # they install handlers of their own: send those here too
         logging.getLogger(lib).handlers = []
         logging.getLogger(lib).propagate = True
-    ours = logging.getLogger("orchestrator")  # our own warnings (a skipped ingredient, say) stay visible
-    ours.handlers = [] if verbose else [_terminal_handler()]
+    # our own warnings (a skipped ingredient, say) stay on the terminal
+    _replace_ours(logging.getLogger("orchestrator"), [] if verbose else [_terminal_handler()])
     return path
+
+
+def _replace_ours(logger: logging.Logger, handlers: list[logging.Handler]) -> None:
+    """Swap the handlers an earlier call added (a test runs many commands in one process) for these."""
+    logger.handlers = [h for h in logger.handlers if not getattr(h, "orchestrator", False)]
+    for h in handlers:
+        h.orchestrator = True
+        logger.addHandler(h)
 
 
 class _LazyFileHandler(logging.FileHandler):

@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides with dotted keys and YAML values, "
                         "e.g. settings.steps=400 grid.seeds='[0, 1]'")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # key=value overrides may come before or after flags
 
 
 class LRStudy:

@@ -63,7 +63,8 @@ def _check_task(cfg: dict[str, Any], source: str) -> None:
     check(isinstance(task.get("name"), str) and task["name"] in TASKS, source, "task.name",
           f"unknown task {task.get('name')!r} (known: {', '.join(sorted(TASKS))})")
     cfg["task"] = {"name": task["name"], **merge(TASKS[task["name"]].defaults,
-                                                  {k: v for k, v in task.items() if k != "name"}, source, "task.")}
+                                                  {k: v for k, v in task.items() if k != "name"}, source, "task.",
+                                                  FREE_FORM)}
     try:
         make_task(cfg)
     except ValueError as e:

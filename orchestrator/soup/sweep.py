@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                            "finished trials are kept, unfinished ones resume from their last epoch checkpoint")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides with dotted keys and YAML values, e.g. task.width=48 soup.greedy_accept='>'")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # key=value overrides may come before or after flags
 
 
 def _recipes_help() -> str:

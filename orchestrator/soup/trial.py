@@ -76,18 +76,6 @@ def _data_parallel_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    rank = ray.train.get_context().get_world_rank()
-    if torch.cuda.is_available():  # "cuda" then means this worker's own GPU
-        torch.cuda.set_device(ray.train.torch.get_device())
-    fine_tune(config["hp"], config["ctx"], ray.get(config["data"]), config["trial_id"], Reporter(ray.train, rank),
-              world=ray.train.get_context().get_world_size(), wrap=ray.train.torch.prepare_model)
-
-
-def _data_parallel_worker(config: dict[str, Any]) -> None:
-    import ray
-    import ray.train
-    import ray.train.torch
-
     context = ray.train.get_context()
     if torch.cuda.is_available():  # "cuda" then means this worker's own GPU
         torch.cuda.set_device(ray.train.torch.get_device())

@@ -1,0 +1,53 @@
+"""A sweep whose pool and Tune storage are on S3: an S3-compatible server (moto) that the
+test starts on 127.0.0.1. Trials checkpoint there (and a crashed trial resumes from
+there), the pool is there, and the soups are cooked from there."""
+
+import os
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+
+from orchestrator.common.pool import Pool
+from tests.helpers import finish, sweep_cmd, start
+
+pytestmark = pytest.mark.slow
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    for k, v in CREDENTIALS.items():
+        monkeypatch.setenv(k, v)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    client = boto3.client("s3", endpoint_url=f"http://{host}:{port}")
+    client.create_bucket(Bucket="orch")
+    yield client, f"endpoint_override={host}:{port}&scheme=http"
+    server.stop()
+
+
+def test_sweep_on_s3_checkpoints_resumes_and_cooks_from_there(s3, tmp_path):
+    client, options = s3
+    pool_uri, storage = f"s3://orch/pool?{options}", f"s3://orch/tune?{options}"
+    markers = tmp_path / "crashed"
+    markers.mkdir()
+    cmd = sweep_cmd(tmp_path, "remote", 2, pool=pool_uri, storage=storage)
+    code, log = finish(start(cmd, tmp_path, ORCHESTRATOR_TEST_CRASH=f"1:raise:{markers}", **CREDENTIALS), tmp_path)
+    assert code == 0, log[-3000:]
+    assert log.count("resuming after epoch 1 from its checkpoint") == 2  # restored from S3
+
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="orch")["Contents"]]
+    assert any(k.startswith("tune/remote-") and "/checkpoint_" in k for k in keys)
+    assert not os.path.exists(tmp_path / "pool") and not os.path.exists(tmp_path / "ray_results")
+    pool = Pool(pool_uri)
+    df = pool.manifest()
+    trials = df[df["kind"] == "trial"]
+    assert len(trials) == 2 and trials["id"].is_unique and set(trials["status"]) == {"ok"}
+    soups = df[df["kind"] == "soup"]
+    assert {h["recipe"] for h in soups["hparams"]} == {"uniform_soup", "greedy_soup", "wise_ft"}
+    uniform = soups[[h["recipe"] == "uniform_soup" for h in soups["hparams"]]].iloc[0]
+    assert sorted(uniform["parents"]) == sorted(trials["id"])
+    assert pool.verify() == []
+    assert all(f"weights/{i}.safetensors" in "".join(keys) for i in trials["id"])

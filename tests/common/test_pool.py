@@ -1,0 +1,368 @@
+"""The checkpoint pool: safetensors weights + a Parquet manifest, on local disk or a URI."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pandas as pd
+import pytest
+import torch
+
+from orchestrator.common.errors import PoolError
+from orchestrator.common.pool import Pool, Row
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def weights(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "conv.weight": torch.randn(4, 1, 3, 3, generator=g),
+        "conv.bias": torch.randn(4, generator=g),
+        "head.weight": torch.randn(10, 4, generator=g).to(torch.bfloat16),
+        "half": torch.randn(5, generator=g).to(torch.float16),
+        "double": torch.randn(3, generator=g, dtype=torch.float64),
+        "bn.num_batches_tracked": torch.tensor(seed, dtype=torch.int64),
+        "special": torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-45]),
+    }
+
+
+def row(i: int | str, **extra) -> Row:
+    return Row(**{
+        "id": f"trial-{i}", "kind": "trial", "status": "ok", "sweep": "s1", "task": "glyphs",
+        "hparams": {"lr": 1e-3, "epochs": 3, "seed": i if isinstance(i, int) else 0},
+        "metrics": {"val_acc": 0.5, "id_acc": 0.6, "ood_acc": 0.4, "train_loss": 1.25},
+        "history": [{"epoch": 1, "val_acc": 0.4}, {"epoch": 2, "val_acc": 0.5}],
+        "parents": ["pretrained-glyphs-x"],
+        **extra,
+    })
+
+
+def failed(ingredient_id: str) -> Row:
+    return Row(id=ingredient_id, kind="trial", sweep="s1", task="glyphs", status="failed")
+
+
+def bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape:
+            return False
+        if a[k].reshape(-1).view(torch.uint8).tolist() != b[k].reshape(-1).view(torch.uint8).tolist():
+            return False
+    return True
+
+
+def assert_no_stray_files(root) -> None:
+    for sub, suffix in (("manifest", ".parquet"), ("weights", ".safetensors")):
+        folder = os.path.join(root, sub)
+        if not os.path.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            assert not name.startswith("."), f"hidden/temp file left behind: {sub}/{name}"
+            assert name.endswith(suffix) and not name.endswith(".tmp"), f"unexpected file {sub}/{name}"
+
+
+@pytest.fixture
+def pool(tmp_path):
+    return Pool(str(tmp_path / "pool"), create=True)
+
+
+# -- basics --------------------------------------------------------------------------------
+
+
+def test_create_makes_a_marked_pool(tmp_path):
+    root = tmp_path / "new" / "pool"
+    p = Pool(str(root), create=True)
+    assert (root / "pool.json").is_file()
+    assert p.manifest().empty
+    assert p.verify() == []
+    # reopening without create works, and a second create=True on an existing pool is fine
+    assert Pool(str(root)).manifest().empty
+    Pool(str(root), create=True)
+
+
+def test_round_trip_is_bitwise(pool):
+    saved = weights(3)
+    added = pool.add(row(3), saved)
+    assert added["weights"] == "weights/trial-3.safetensors"
+    assert len(added["sha256"]) == 64
+    assert pool.has("trial-3")
+    loaded = pool.load("trial-3")
+    assert bitwise_equal(saved, loaded)
+    # loading by row works too, and from a fresh Pool object on the same folder
+    assert bitwise_equal(saved, pool.load(pool.get("trial-3")))
+    assert bitwise_equal(saved, Pool(pool.uri).load("trial-3"))
+
+
+def test_get_decodes_row(pool):
+    pool.add(row(1), weights(1))
+    got = pool.get("trial-1")
+    assert got["id"] == "trial-1"
+    assert got["hparams"] == {"lr": 1e-3, "epochs": 3, "seed": 1}
+    assert got["metrics"]["val_acc"] == 0.5
+    assert got["history"] == [{"epoch": 1, "val_acc": 0.4}, {"epoch": 2, "val_acc": 0.5}]
+    assert list(got["parents"]) == ["pretrained-glyphs-x"]
+    with pytest.raises(PoolError, match="nope"):
+        pool.get("nope")
+
+
+def test_manifest_has_one_row_per_ingredient_with_decoded_columns(pool):
+    pool.add(row(1, metrics={"val_acc": 0.7, "id_acc": 0.8, "ood_acc": 0.3}), weights(1))
+    pool.add(row(2, metrics={"val_acc": 0.6, "id_acc": 0.65, "ood_acc": 0.35}), weights(2))
+    pool.add(failed("trial-3"))  # no weights, no metrics
+    df = pool.manifest()
+    assert isinstance(df, pd.DataFrame)
+    assert len(df) == 3
+    assert sorted(df["id"]) == ["trial-1", "trial-2", "trial-3"]
+    assert df["id"].is_unique
+    by_id = df.set_index("id")
+    # JSON columns decoded to Python objects
+    assert by_id.loc["trial-1", "hparams"] == {"lr": 1e-3, "epochs": 3, "seed": 1}
+    assert isinstance(by_id.loc["trial-2", "metrics"], dict)
+    assert isinstance(by_id.loc["trial-1", "history"], list)
+    assert by_id.loc["trial-3", "hparams"] == {} and by_id.loc["trial-3", "history"] == []
+    # metrics spread into columns
+    for col in ("val_acc", "id_acc", "ood_acc"):
+        assert col in df.columns
+    assert by_id.loc["trial-1", "val_acc"] == 0.7
+    assert by_id.loc["trial-2", "ood_acc"] == 0.35
+    assert pd.isna(by_id.loc["trial-3", "val_acc"])
+    assert by_id.loc["trial-3", "weights"] == ""
+    # oldest first
+    assert list(df["id"]) == ["trial-1", "trial-2", "trial-3"]
+
+
+def test_adding_the_same_id_twice_keeps_one_row(pool):
+    first = pool.add(row(1, metrics={"val_acc": 0.9}), weights(1))
+    second = pool.add(row(1, metrics={"val_acc": 0.1}), weights(99))
+    df = pool.manifest()
+    assert len(df) == 1
+    assert df.loc[0, "val_acc"] == 0.9  # the first write wins
+    assert second["sha256"] == first["sha256"]
+    assert bitwise_equal(pool.load("trial-1"), weights(1))
+    assert len(os.listdir(os.path.join(pool.root, "weights"))) == 1
+
+
+def test_bad_kind_or_status_is_rejected(pool):
+    with pytest.raises(ValueError):
+        Row(id="x", kind="banana", sweep="s1", task="glyphs", status="ok")
+    with pytest.raises(ValueError):
+        Row(id="x", kind="trial", sweep="s1", task="glyphs", status="fine")
+    assert not pool.has("x")
+
+
+def test_load_without_weights_raises(pool):
+    pool.add(failed("failed-1"))
+    with pytest.raises(PoolError, match="failed-1"):
+        pool.load("failed-1")
+
+
+# -- concurrency ---------------------------------------------------------------------------
+
+
+def test_16_threads_appending_lose_no_rows(pool):
+    n = 16
+    barrier = threading.Barrier(n)
+
+    def work(i: int):
+        barrier.wait()
+        pool.add(row(i), weights(i))
+        pool.add(row("shared"), weights(1000))  # every thread also retries the same id
+        return i
+
+    with ThreadPoolExecutor(max_workers=n) as ex:
+        assert sorted(ex.map(work, range(n))) == list(range(n))
+    df = pool.manifest()
+    assert sorted(df["id"]) == sorted([f"trial-{i}" for i in range(n)] + ["trial-shared"])
+    assert df["id"].is_unique
+    assert pool.verify() == []
+    assert_no_stray_files(pool.root)
+    for i in (0, 7, 15):
+        assert bitwise_equal(pool.load(f"trial-{i}"), weights(i))
+
+
+def _process_worker(root: str, worker: int, per_worker: int, barrier) -> None:
+    p = Pool(root)
+    barrier.wait()
+    for j in range(per_worker):
+        i = worker * 100 + j
+        p.add(row(i), weights(i))
+
+
+def test_4_processes_appending_lose_no_rows(pool):
+    ctx = multiprocessing.get_context("spawn")
+    n, per_worker = 4, 5
+    barrier = ctx.Barrier(n)
+    procs = [ctx.Process(target=_process_worker, args=(pool.root, w, per_worker, barrier)) for w in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0] * n
+    df = pool.manifest()
+    expected = sorted(f"trial-{w * 100 + j}" for w in range(n) for j in range(per_worker))
+    assert sorted(df["id"]) == expected
+    assert pool.verify() == []
+    assert_no_stray_files(pool.root)
+    assert bitwise_equal(pool.load("trial-302"), weights(302))
+
+
+# -- damage --------------------------------------------------------------------------------
+
+
+def test_corrupt_weights_are_reported(pool):
+    pool.add(row(1), weights(1))
+    pool.add(row(2), weights(2))
+    with open(os.path.join(pool.root, "weights", "trial-2.safetensors"), "ab") as f:
+        f.write(b"\x00garbage")
+    problems = pool.verify()
+    assert len(problems) == 1
+    assert "trial-2" in problems[0] and "corrupt" in problems[0]
+    with pytest.raises(PoolError, match="trial-2"):
+        pool.load("trial-2")
+    assert bitwise_equal(pool.load("trial-1"), weights(1))  # the others are fine
+
+
+def test_missing_weights_are_reported(pool):
+    pool.add(row(1), weights(1))
+    pool.add(row(2), weights(2))
+    os.remove(os.path.join(pool.root, "weights", "trial-1.safetensors"))
+    problems = pool.verify()
+    assert len(problems) == 1
+    assert "trial-1" in problems[0] and "missing" in problems[0]
+    with pytest.raises(PoolError, match="trial-1"):
+        pool.load("trial-1")
+
+
+def test_non_empty_non_pool_folder_is_refused(tmp_path):
+    folder = tmp_path / "stuff"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not a pool")
+    with pytest.raises(PoolError, match="not a pool|not empty"):
+        Pool(str(folder), create=True)
+    assert not (folder / "pool.json").exists()
+
+
+@pytest.mark.parametrize("make", ["missing", "empty", "non_empty"])
+def test_folder_without_marker_needs_create(tmp_path, make):
+    folder = tmp_path / "p"
+    if make != "missing":
+        folder.mkdir()
+    if make == "non_empty":
+        (folder / "x").write_text("x")
+    with pytest.raises(PoolError, match="pool.json"):
+        Pool(str(folder))
+    assert not (folder / "pool.json").exists()
+
+
+def test_a_file_is_not_a_pool(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(PoolError):
+        Pool(str(f), create=True)
+
+
+def test_ids_are_listed_whatever_their_first_character(pool):
+    """Every added row must show up in the manifest and be verified.
+
+    The manifest is read as a pyarrow dataset, which skips files whose names start
+    with '.' or '_'; safe_id keeps a leading '_', so such rows are invisible.
+    """
+    pool.add(row(0, id="_scratch-uniform_soup-abc"), weights(0))
+    pool.add(row(1), weights(1))
+    assert pool.has("_scratch-uniform_soup-abc")
+    assert sorted(pool.manifest()["id"]) == ["_scratch-uniform_soup-abc", "trial-1"]
+
+
+# -- URIs ----------------------------------------------------------------------------------
+
+
+def test_file_uri_round_trip(tmp_path):
+    uri = f"file://{tmp_path}/p"
+    p = Pool(uri, create=True)
+    assert p.uri == uri
+    saved = weights(5)
+    p.add(row(5), saved)
+    assert bitwise_equal(p.load("trial-5"), saved)
+    assert list(p.manifest()["id"]) == ["trial-5"]
+    assert p.verify() == []
+    # the same pool seen through the plain path and through the URI again
+    assert (tmp_path / "p" / "pool.json").is_file()
+    assert bitwise_equal(Pool(str(tmp_path / "p")).load("trial-5"), saved)
+    assert bitwise_equal(Pool(uri).load("trial-5"), saved)
+    assert_no_stray_files(str(tmp_path / "p"))
+
+
+# -- command line --------------------------------------------------------------------------
+
+
+def _start_cli(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.pool", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """Run every `python -m orchestrator.pool` case at once (each start costs seconds of imports)."""
+    base = tmp_path_factory.mktemp("cli")
+    good, bad = str(base / "good"), str(base / "bad")
+    for root in (good, bad):
+        p = Pool(root, create=True)
+        p.add(row(1, metrics={"val_acc": 0.75, "id_acc": 0.5, "ood_acc": 0.25}), weights(1))
+        p.add(row(2), weights(2))
+        p.add(failed("trial-3"))
+    with open(os.path.join(bad, "weights", "trial-2.safetensors"), "ab") as f:
+        f.write(b"junk")
+    cases = {
+        "verify_good": ("verify", "--pool", good),
+        "show_good": ("show", "--pool", good),
+        "verify_bad": ("verify", "--pool", bad),
+        "show_missing": ("show", "--pool", str(base / "nowhere")),
+    }
+    procs = {name: _start_cli(*args) for name, args in cases.items()}
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return results
+
+
+def test_cli_verify_good_pool_exits_0(cli):
+    res = cli["verify_good"]
+    assert res.returncode == 0, res.stderr
+    assert "2/2 weights files verified" in res.stdout
+    assert res.stderr == ""
+
+
+def test_cli_verify_corrupt_pool_exits_1(cli):
+    res = cli["verify_bad"]
+    assert res.returncode == 1, res.stderr
+    assert "trial-2" in res.stderr and "corrupt" in res.stderr
+    assert "trial-1" not in res.stderr
+    assert "1/2 weights files verified" in res.stdout
+
+
+def test_cli_show_prints_ids(cli):
+    res = cli["show_good"]
+    assert res.returncode == 0, res.stderr
+    for i in (1, 2, 3):
+        assert f"trial-{i}" in res.stdout
+    assert "0.7500" in res.stdout  # val_acc column
+    assert "3 ingredients" in res.stdout
+
+
+def test_cli_missing_pool_is_a_one_line_error(cli):
+    res = cli["show_missing"]
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("error:")
+    assert "nowhere" in lines[0]
+    assert "Traceback" not in res.stderr

@@ -1,0 +1,63 @@
+"""Helpers the tests share (fixtures are in conftest.py): the tiny task, and running a
+sweep as a process of its own whose Ray the test can kill."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+
+from orchestrator.common.pool import Pool
+
+# A tiny glyph task: seconds to pretrain, same code paths as the default.
+TINY_TASK = [
+    "task.width=8", "task.pretrain_per_glyph=2", "task.pretrain_epochs=1", "task.ood_font_per_digit=3",
+    "hyperparameters.epochs={randint: [1, 2]}", "hyperparameters.lr={loguniform: [1.0e-3, 3.0e-3]}",
+]
+
+
+TWO_EPOCHS = [*TINY_TASK, "hyperparameters.epochs=2", "soup.wise_ft_alphas=[0.5]"]
+
+
+def sweep_cmd(root, sweep, n, *more, pool=None, storage=None, uri=None):
+    return [sys.executable, "-m", "orchestrator.soup_sweep", "--pool", pool or str(root / "pool"),
+            "--tracking-uri", uri or f"sqlite:///{root}/mlflow.db", "--storage", storage or str(root / "ray_results"),
+            "--num-samples", str(n), f"sweep={sweep}", *TWO_EPOCHS, *more]
+
+
+def start(cmd, root, log="sweep.log", **env):
+    """A process in its own group (its local Ray with it), output to a file under root. Its
+    Ray gets its own temp folder (short: socket paths are limited), so it never finds or
+    announces a cluster to other Ray users on this machine."""
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    full_env.update(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1", MLFLOW_HTTP_REQUEST_MAX_RETRIES="1",
+                    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0", RAY_TMPDIR=ray_tmp, **env)
+    with open(root / log, "a") as out:
+        proc = subprocess.Popen(cmd, cwd=root, env=full_env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    proc.ray_tmp = ray_tmp
+    return proc
+
+
+def kill_group(proc) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # only the group this test started
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    shutil.rmtree(proc.ray_tmp, ignore_errors=True)
+
+
+def finish(proc, root, log="sweep.log", timeout=300) -> tuple[int, str]:
+    try:
+        code = proc.wait(timeout=timeout)
+    finally:
+        kill_group(proc)  # Ray processes the sweep left behind, if any
+    return code, (root / log).read_text()
+
+
+def trial_rows(pool_uri):
+    df = Pool(pool_uri).manifest()
+    return df[df["kind"] == "trial"]

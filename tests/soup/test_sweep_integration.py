@@ -1,0 +1,175 @@
+"""A tiny soup sweep end to end on local Ray: pool rows, nested MLflow runs, recipes, plot."""
+
+import contextlib
+import io
+import os
+
+import pytest
+from mlflow import MlflowClient
+
+from orchestrator import soup_sweep
+from orchestrator.common.pool import Pool
+from orchestrator.soup.config import load_config
+from tests.helpers import TINY_TASK
+
+RECIPES = {"zero_shot", "best_individual", "uniform_soup", "greedy_soup", "ensemble", "wise_ft"}
+
+
+@pytest.fixture(scope="module")
+def swept(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    uri = f"sqlite:///{root}/mlflow.db"
+    args = ["--pool", str(root / "pool"), "--tracking-uri", uri, "--storage", str(root / "ray_results"),
+            "--num-samples", "3", "sweep=tiny", *TINY_TASK]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert soup_sweep.main(args) == 0
+    swept.stdout = out.getvalue()
+    return root, uri, args
+
+
+def runs_by_role(uri):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    by_role = {}
+    for r in runs:
+        by_role.setdefault(r.data.tags.get("orchestrator.role"), []).append(r)
+    return client, by_role
+
+
+def test_pool_holds_pretrained_trials_and_soups(swept):
+    root, _, _ = swept
+    df = Pool(str(root / "pool")).manifest()
+    assert (df["kind"] == "pretrained").sum() == 1
+    trials = df[df["kind"] == "trial"]
+    assert len(trials) == 3 and set(trials["status"]) == {"ok"}
+    assert trials["id"].is_unique
+    pre_id = df[df["kind"] == "pretrained"]["id"].iloc[0]
+    assert all(list(p) == [pre_id] for p in trials["parents"])
+    for col in ("val_acc", "id_acc", "ood_acc", "acc_ood_fonts", "acc_ood_noise", "acc_ood_rotate", "acc_ood_blur"):
+        assert trials[col].between(0, 1).all(), col
+    assert all(len(h) >= 1 for h in trials["history"])  # per-epoch history kept for replay
+    soups = df[df["kind"] == "soup"]
+    recipes = sorted(h["recipe"] for h in soups["hparams"])
+    assert recipes == ["greedy_soup", "uniform_soup", "wise_ft", "wise_ft"]
+    uniform = soups[[h["recipe"] == "uniform_soup" for h in soups["hparams"]]].iloc[0]
+    assert sorted(uniform["parents"]) == sorted(trials["id"])
+    assert (soups["mlflow_run_id"] != "").all()
+    assert Pool(str(root / "pool")).verify() == []
+
+
+def test_greedy_soup_not_worse_than_best_individual_on_val(swept):
+    root, _, _ = swept
+    df = Pool(str(root / "pool")).manifest()
+    best_val = df[df["kind"] == "trial"]["val_acc"].max()
+    greedy = df[[isinstance(h, dict) and h.get("recipe") == "greedy_soup" for h in df["hparams"]]].iloc[0]
+    assert greedy["val_acc"] >= best_val
+
+
+def test_mlflow_has_parent_nested_trials_and_recipes(swept):
+    root, uri, _ = swept
+    client, by_role = runs_by_role(uri)
+    (parent,) = by_role["sweep"]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["pool"] == str(root / "pool")
+    assert float(parent.data.params["ray_cpus"]) >= 1
+    trials = by_role["trial"]
+    assert len(trials) == 3
+    for t in trials:
+        assert t.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert {"lr", "weight_decay", "epochs", "seed"} <= set(t.data.params)
+        assert {"val_acc", "id_acc", "ood_acc", "acc_ood_fonts", "train_loss"} <= set(t.data.metrics)
+        assert t.data.tags["orchestrator.ingredient_id"]
+        history = client.get_metric_history(t.info.run_id, "val_acc")
+        assert len(history) == int(t.data.params["epochs"])  # one point per epoch
+    recipes = by_role["recipe"]
+    assert {r.data.tags["orchestrator.recipe"] for r in recipes} == RECIPES
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in recipes)
+    greedy = next(r for r in recipes if r.data.tags["orchestrator.recipe"] == "greedy_soup")
+    artifacts = {a.path for a in client.list_artifacts(greedy.info.run_id)}
+    assert "ingredients.json" in artifacts
+    wise = [r for r in recipes if r.data.tags["orchestrator.recipe"] == "wise_ft"]
+    assert len(client.get_metric_history(wise[0].info.run_id, "curve_id_acc")) == 11
+    parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"soups_id_vs_ood.png", "manifest.parquet", "config.yaml"} <= parent_artifacts
+
+
+def test_soup_is_logged_as_a_loadable_mlflow_model(swept):
+    import mlflow
+    import numpy as np
+
+    _, uri, _ = swept
+    _, by_role = runs_by_role(uri)
+    greedy = next(r for r in by_role["recipe"] if r.data.tags["orchestrator.recipe"] == "greedy_soup")
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(f"runs:/{greedy.info.run_id}/model")
+    out = model.predict(np.zeros((3, 64), dtype=np.float32))
+    assert out.shape == (3, 10)
+
+
+def test_skip_train_recooks_without_duplicates(swept):
+    root, uri, args = swept
+    before = Pool(str(root / "pool")).manifest()
+    assert soup_sweep.main(args + ["--skip-train"]) == 0
+    after = Pool(str(root / "pool")).manifest()
+    assert len(after) == len(before)  # same soups, same ids: nothing added twice
+    _, by_role = runs_by_role(uri)
+    assert len(by_role["sweep"]) == 2 and len(by_role["trial"]) == 3
+
+
+def test_recipes_subset_cooks_only_those_and_what_they_need(swept, capsys):
+    root, uri, args = swept
+    assert soup_sweep.main(args + ["--skip-train", "soup.recipes=[wise_ft]"]) == 0
+    out = capsys.readouterr().out
+    assert "soup.recipes: also cooking best_individual, greedy_soup (needed by wise_ft)" in out
+    _, by_role = runs_by_role(uri)
+    newest = max(by_role["sweep"], key=lambda r: r.info.start_time)
+    cooked = {r.data.tags["orchestrator.recipe"] for r in by_role["recipe"]
+              if r.data.tags["mlflow.parentRunId"] == newest.info.run_id}
+    assert cooked == {"best_individual", "greedy_soup", "wise_ft"}
+    assert "zero-shot" not in out and "WiSE-FT greedy soup" in out
+
+
+def test_terminal_output_is_progress_and_summary_only():
+    out = swept.stdout
+    lines = out.strip().splitlines()
+    assert len(lines) < 35, out  # 3 trials: progress lines, the table, where things are
+    assert sum(line.startswith("[") and "/3 " in line for line in lines) == 3  # one line per finished trial
+    assert "greedy soup" in out and "log:" in out
+    for noise in ("Trial status", "╭", "snapshotting", "Checkpoint successfully", "tensorboard", "type hints"):
+        assert noise not in out
+
+
+def test_logged_config_round_trips_through_config_flag(swept, tmp_path):
+    root, uri, args = swept
+    client, by_role = runs_by_role(uri)
+    first = min(by_role["sweep"], key=lambda r: r.info.start_time)
+    path = client.download_artifacts(first.info.run_id, "config.yaml", str(tmp_path))
+    expected = load_config(None, ["sweep=tiny", *TINY_TASK, "num_samples=3"])
+    assert load_config(path) == expected
+
+
+def test_skip_train_on_a_fresh_folder_is_a_clear_error(tmp_path, capsys):
+    code = soup_sweep.main(["--pool", str(tmp_path / "nothing"), "--tracking-uri",
+                            f"sqlite:///{tmp_path}/m.db", "--skip-train"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error:") and "not a pool" in err[0]
+    assert not os.path.exists(tmp_path / "nothing")
+
+
+def test_diverging_trial_is_recorded_not_errored(ray_session, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    code = soup_sweep.main(["--pool", str(tmp_path / "pool"), "--tracking-uri", uri,
+                            "--storage", str(tmp_path / "ray_results"), "--num-samples", "1", "sweep=boom",
+                            *TINY_TASK, "hyperparameters.lr=1.0e+30", "hyperparameters.epochs=2"])
+    assert code == 2  # nothing usable to cook from: a clear error, not a crash
+    assert "no usable trial ingredients" in capsys.readouterr().err
+    df = Pool(str(tmp_path / "pool")).manifest()
+    (row,) = df[df["kind"] == "trial"].to_dict("records")
+    assert row["status"] == "diverged" and row["weights"] == ""
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("boom").experiment_id],
+                                filter_string="tags.`orchestrator.role` = 'trial'")
+    assert run.data.tags["orchestrator.status"] == "diverged" and run.info.status == "FAILED"
