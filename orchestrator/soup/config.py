@@ -17,7 +17,7 @@ from orchestrator.soup.train import HPARAMS, PRECISIONS
 
 DEFAULT_CONFIG = "glyphs_soup.yaml"  # in orchestrator/configs/
 
-DEFAULTS: dict[str, Any] = {
+BASE: dict[str, Any] = {
     "sweep": "glyphs_soup",
     "task": {"name": "glyphs"},  # other keys are the task's settings (see the task's `defaults`)
     "num_samples": 16,
@@ -27,13 +27,17 @@ DEFAULTS: dict[str, Any] = {
     "resources": {"cpu": 1.0, "gpu": 0.0, "workers": 1},  # per worker; workers > 1: data-parallel Ray Train
     "precision": "auto",  # auto: bf16 autocast on GPUs that support it, fp32 elsewhere; or fp32, bf16
     "hyperparameters": {},  # name -> constant or distribution; see config.DISTRIBUTIONS
-    "soup": {
+}
+FREE_FORM = ("task", "hyperparameters", "evals")  # mappings of user-chosen names
+
+
+def defaults() -> dict[str, Any]:
+    """Every key with its default; the `soup:` section comes from the registered recipes."""
+    return {**BASE, "soup": {
         "recipes": default_recipes(),  # which recipes to cook (and what they need)
         "bn_batches": 8,  # training batches that re-estimate BatchNorm statistics of a soup
         **{name: p.default for name, p in all_params().items()},  # each recipe's params
-    },
-}
-FREE_FORM = ("task", "hyperparameters", "evals")  # mappings of user-chosen names
+    }}
 
 
 def load_config(path: str | None = None, overrides: list[str] = (), preset: str = "default") -> dict[str, Any]:
@@ -42,7 +46,7 @@ def load_config(path: str | None = None, overrides: list[str] = (), preset: str 
 
 
 def validate(raw: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
-    cfg = merge(DEFAULTS, raw, source, free_form=FREE_FORM)
+    cfg = merge(defaults(), raw, source, free_form=FREE_FORM)
     _check_task(cfg, source)
     for key, low in (("num_samples", 1), ("max_failures", 0), ("max_concurrent_trials", 0)):
         check(cfg[key] >= low, source, key, f"must be >= {low}, got {cfg[key]}")

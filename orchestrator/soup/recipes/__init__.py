@@ -64,18 +64,23 @@ def register(cls: type[Recipe]) -> type[Recipe]:
 
 
 def ordered(names) -> list[str]:
-    """The named recipes and everything they need, each after its needs, else by position.
+    """The named recipes and everything they need: by position, each after its needs.
     Unknown names raise KeyError."""
-    out: list[str] = []
+    wanted: set[str] = set()
 
-    def visit(name: str) -> None:
-        for need in RECIPES[name].needs:
-            visit(need)
-        if name not in out:
-            out.append(name)
+    def close(name: str) -> None:
+        if name not in wanted:
+            wanted.add(name)
+            for need in RECIPES[name].needs:
+                close(need)
 
-    for name in sorted(set(names), key=lambda n: RECIPES[n].position):
-        visit(name)
+    for name in names:
+        close(name)
+    out, pending = [], sorted(wanted, key=lambda n: RECIPES[n].position)
+    while pending:
+        ready = next(n for n in pending if set(RECIPES[n].needs) <= set(out))
+        out.append(ready)
+        pending.remove(ready)
     return out
 
 
