@@ -187,6 +187,22 @@ def test_missing_file_is_a_config_error(tmp_path):
         load_config(path)
 
 
+def test_a_folder_is_a_config_error_like_a_missing_file(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(str(tmp_path))
+    assert str(info.value) == f"{tmp_path}: is a folder, not a YAML file"
+
+
+def test_a_preset_overlays_the_file_and_overrides_win(tmp_path):
+    path = write(tmp_path, "num_samples: 4\npresets:\n  big: {num_samples: 32, search_seed: 7}\n")
+    assert load_config(path)["num_samples"] == 4
+    big = load_config(path, preset="big")
+    assert (big["num_samples"], big["search_seed"]) == (32, 7)
+    assert load_config(path, ["num_samples=8"], preset="big")["num_samples"] == 8
+    with pytest.raises(ConfigError, match="presets: no preset 'huge' \\(known: big, default\\)"):
+        load_config(path, preset="huge")
+
+
 @pytest.mark.parametrize("override, key", [
     ("hyperparameters.lr={loguniform: [1e-3, 1e-3]}", "hyperparameters.lr"),
     ("soup.greedy_accept=maybe", "soup.greedy_accept"),

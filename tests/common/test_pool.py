@@ -325,6 +325,7 @@ def cli(tmp_path_factory):
         "show_good": ("show", "--pool", good),
         "verify_bad": ("verify", "--pool", bad),
         "show_missing": ("show", "--pool", str(base / "nowhere")),
+        "show_file": ("show", "--pool", str(base / "good" / "pool.json")),
     }
     procs = {name: _start_cli(*args) for name, args in cases.items()}
     results = {}
@@ -366,3 +367,9 @@ def test_cli_missing_pool_is_a_one_line_error(cli):
     assert lines[0].startswith("error:")
     assert "nowhere" in lines[0]
     assert "Traceback" not in res.stderr
+
+
+def test_cli_show_on_a_file_says_it_is_a_file(cli):
+    res = cli["show_file"]
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [f"error: {res.args[-1]}: is a file, not a pool folder"]
