@@ -42,8 +42,9 @@ def halfway(monkeypatch):
     return Halfway
 
 
-def test_todays_recipes_in_table_order():
-    assert default_recipes() == ["zero_shot", "best_individual", "uniform_soup", "greedy_soup", "ensemble", "wise_ft"]
+def test_the_first_recipes_keep_their_table_order():
+    first = ["zero_shot", "best_individual", "uniform_soup", "greedy_soup", "ensemble", "wise_ft"]
+    assert [r for r in default_recipes() if r in first] == first  # a new recipe may sit anywhere between
     assert load_config()["soup"]["recipes"] == default_recipes()
 
 
