@@ -23,7 +23,8 @@ TWO_EPOCHS = [*TINY_TASK, "hyperparameters.epochs=2", "soup.wise_ft_alphas=[0.5]
 def sweep_cmd(root, sweep, n, *more, pool=None, storage=None, uri=None):
     return [sys.executable, "-m", "orchestrator.soup_sweep", "--pool", pool or str(root / "pool"),
             "--tracking-uri", uri or f"sqlite:///{root}/mlflow.db", "--storage", storage or str(root / "ray_results"),
-            "--num-samples", str(n), f"sweep={sweep}", *TWO_EPOCHS, *more]
+            "--num-samples", str(n), "--verbose",  # the trials' own output too: what the fault tests read
+            f"sweep={sweep}", *TWO_EPOCHS, *more]
 
 
 def start(cmd, root, log="sweep.log", **env):
