@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from orchestrator.common.errors import UserError
 
@@ -87,13 +87,22 @@ def experiment_id(uri: str, name: str) -> str:
         raise UserError(f"tracking URI {uri}: cannot reach the MLflow tracking store ({first[:200]})") from None
 
 
-def start_run(uri: str, exp_id: str, name: str, role: str, parent: str | None = None,
-              tags: dict[str, str] | None = None, params: dict[str, Any] | None = None) -> str:
-    c = client(uri)
-    all_tags = {ROLE: role, **(tags or {})}
-    if parent:
-        all_tags[PARENT] = parent
-    run = c.create_run(exp_id, run_name=name, tags=all_tags)
+class Destination(NamedTuple):
+    """Where a nested run goes: the store, the experiment and the parent run."""
+
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+def run_tags(role: str, parent: str | None = None, more: dict[str, str] | None = None) -> dict[str, str]:
+    """The tags of a run: its role, its parent run (nested runs), and `more`."""
+    return {ROLE: role, **({PARENT: parent} if parent else {}), **(more or {})}
+
+
+def start_run(uri: str, exp_id: str, name: str, tags: dict[str, str], params: dict[str, Any] | None = None) -> str:
+    """A new run (tags from run_tags) with its params; returns its id."""
+    run = client(uri).create_run(exp_id, run_name=name, tags=tags)
     if params:
         log_params(uri, run.info.run_id, params)
     return run.info.run_id
@@ -141,12 +150,13 @@ class TrialTracker:
     """A trial's nested run. MLflow trouble never fails the trial: it is logged and
     tracking stops for that trial (the pool keeps everything, and can be replayed)."""
 
-    def __init__(self, uri: str, exp_id: str, parent: str, trial_id: str, name: str, params: dict[str, Any]):
-        self.uri, self.run_id = uri, None
+    def __init__(self, where: Destination, trial_id: str, name: str, params: dict[str, Any]):
+        self.uri, self.run_id = where.uri, None
         try:
-            self.run_id = find_run(uri, exp_id, TRIAL_ID, trial_id)  # a retried trial continues its run
+            self.run_id = find_run(where.uri, where.experiment_id, TRIAL_ID, trial_id)  # a retry continues its run
             if self.run_id is None:
-                self.run_id = start_run(uri, exp_id, name, "trial", parent, tags={TRIAL_ID: trial_id}, params=params)
+                self.run_id = start_run(where.uri, where.experiment_id, name,
+                                        run_tags("trial", where.parent_run_id, {TRIAL_ID: trial_id}), params)
         except Exception as e:  # noqa: BLE001
             self._fail(e)
 
@@ -195,8 +205,8 @@ def replay_pool(pool, uri: str, sweep: str | None = None, parent: str | None = N
             present += 1
             continue
         if exp not in parents:
-            parents[exp] = parent or start_run(uri, exp, f"{row['sweep']}-replayed", "sweep",
-                                               tags={SWEEP: row["sweep"], POOL: pool.uri})
+            parents[exp] = parent or start_run(uri, exp, f"{row['sweep']}-replayed",
+                                               run_tags("sweep", more={SWEEP: row["sweep"], POOL: pool.uri}))
         _replay_row(uri, exp, parents[exp], row)
         added += 1
     for run_id in parents.values():
@@ -210,7 +220,7 @@ def _replay_row(uri: str, exp: str, parent: str, row: dict[str, Any]) -> None:
     tags = {INGREDIENT: row["id"], SWEEP: row["sweep"], STATUS: row["status"], REPLAYED: "true"}
     if role == "recipe":
         tags[RECIPE] = row["hparams"].get("recipe", "")
-    run_id = start_run(uri, exp, f"{role}-{row['id']}", role, parent, tags=tags, params=row["hparams"])
+    run_id = start_run(uri, exp, f"{role}-{row['id']}", run_tags(role, parent, tags), row["hparams"])
     for point in row["history"]:  # per-epoch metrics, as the trial would have logged them
         log_metrics(uri, run_id, {k: v for k, v in point.items() if k != "epoch"}, step=int(point["epoch"]))
     if not row["history"] and row["metrics"]:

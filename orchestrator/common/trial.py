@@ -80,8 +80,8 @@ class Trial:
     def track(self, name: str, params: dict[str, Any]) -> tracking.TrialTracker:
         """The trial's nested MLflow run (a retried trial continues its own)."""
         if self.lead:
-            self.mlflow = tracking.TrialTracker(self.ctx.tracking_uri, self.ctx.experiment_id,
-                                                self.ctx.parent_run_id, self.id, name, params)
+            where = tracking.Destination(self.ctx.tracking_uri, self.ctx.experiment_id, self.ctx.parent_run_id)
+            self.mlflow = tracking.TrialTracker(where, self.id, name, params)
         return self.mlflow
 
     def resume(self, run: Resumable) -> bool:

@@ -96,10 +96,10 @@ def attn_logit_vs_lr(per_lr: pd.DataFrame, path: str, title: str, threshold: flo
     return _save(fig, path)
 
 
-def attn_logit_forecast(per_lr: pd.DataFrame, forecast: pd.DataFrame, target_params: float, path: str,
-                        title: str, threshold: float) -> str:
+def attn_logit_forecast(results: dict[str, Any], path: str, title: str, threshold: float) -> str:
     """Max attention logit at the probe step against parameter count, per LR, with the
-    fit from sensitivity.logit_forecast extended to the target size."""
+    fit from analysis.logit_forecast extended to the target size (`results`: study_tables)."""
+    per_lr, forecast, target_params = results["per_lr"], results["forecast"], results["target_params"]
     interventions = sorted(per_lr["intervention"].unique())
     fig, axes = _panels(len(interventions), title)
     lrs = sorted(per_lr["lr"].unique())
@@ -128,7 +128,6 @@ def all_plots(results: dict[str, Any], threshold: float, folder: str, study: str
         sensitivity_vs_width(table, os.path.join(folder, "lr_sensitivity_vs_width.png"), f"{study}: LR sensitivity"),
         attn_logit_vs_lr(per_lr, os.path.join(folder, "attn_logit_vs_lr.png"),
                          f"{study}: max attention logit vs LR", threshold),
-        attn_logit_forecast(per_lr, results["forecast"], results["target_params"],
-                            os.path.join(folder, "attn_logit_forecast.png"),
+        attn_logit_forecast(results, os.path.join(folder, "attn_logit_forecast.png"),
                             f"{study}: attention logit forecast", threshold),
     ]

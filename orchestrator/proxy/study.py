@@ -99,8 +99,8 @@ class LRStudy:
         cfg, grid = self.cfg, self.cfg["grid"]
         self.started = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         self.parent = tracking.start_run(
-            self.uri, self.experiment, f"{cfg['study']}-{self.started}", "study",
-            tags={tracking.SWEEP: cfg["study"], tracking.POOL: self.pool.uri},
+            self.uri, self.experiment, f"{cfg['study']}-{self.started}",
+            tracking.run_tags("study", more={tracking.SWEEP: cfg["study"], tracking.POOL: self.pool.uri}),
             params={"pool": self.pool.uri, "skip_train": self.args.skip_train, "preset": self.args.preset,
                     "runs": self.n_runs, **{f"grid.{k}": v for k, v in grid.items()},
                     "target_width": cfg["analysis"]["target_width"]})

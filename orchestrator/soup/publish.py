@@ -29,8 +29,8 @@ class Publisher:
 
     def serve_one(self, dish: Dish, sweep: str, task: Task) -> None:
         params = {k: v for k, v in dish.params.items() if k != "trace"}
-        run_id = tracking.start_run(self.uri, self.experiment, dish.label, "recipe", self.parent,
-                                    tags={tracking.RECIPE: dish.recipe, tracking.SWEEP: sweep}, params=params)
+        tags = tracking.run_tags("recipe", self.parent, {tracking.RECIPE: dish.recipe, tracking.SWEEP: sweep})
+        run_id = tracking.start_run(self.uri, self.experiment, dish.label, tags, params)
         tracking.log_metrics(self.uri, run_id, dish.metrics)
         curve_x = RECIPES[dish.recipe].curve_x
         for point in dish.curve:  # MLflow steps are integers: the curve's x in hundredths

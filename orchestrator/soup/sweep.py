@@ -105,8 +105,8 @@ class SoupSweep:
         self.experiment = tracking.experiment_id(self.uri, cfg["sweep"])
         self.started = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         self.parent = tracking.start_run(
-            self.uri, self.experiment, f"{cfg['sweep']}-{self.started}", "sweep",
-            tags={tracking.SWEEP: cfg["sweep"], tracking.POOL: self.pool.uri},
+            self.uri, self.experiment, f"{cfg['sweep']}-{self.started}",
+            tracking.run_tags("sweep", more={tracking.SWEEP: cfg["sweep"], tracking.POOL: self.pool.uri}),
             params={"pool": self.pool.uri, "skip_train": args.skip_train, "resumed": self.resume_path or "",
                     "task": self.task.name, "num_samples": cfg["num_samples"], "pretrained_id": self.pretrained["id"]})
         tracking.log_dict(self.uri, self.parent, self.cfg, "config.yaml")  # reusable as --config

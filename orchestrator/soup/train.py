@@ -37,6 +37,7 @@ HPARAMS: dict[str, Any] = {
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
+BN_BATCH_SIZE = 64  # examples per batch when BatchNorm statistics of a soup are re-estimated
 
 
 def device() -> torch.device:
@@ -108,7 +109,7 @@ def batchnorm_buffers(model: torch.nn.Module) -> list[str]:
 
 @torch.no_grad()
 def recompute_batchnorm(task: Task, model: torch.nn.Module, examples: Examples, batches: int = 8,
-                        batch_size: int = 64, precision: str = "auto") -> None:
+                        precision: str = "auto") -> None:
     """Averaged weights do not come with matching BatchNorm statistics: reset them and take
     the plain average over a few training batches (momentum=None), then back to eval mode."""
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
@@ -120,7 +121,7 @@ def recompute_batchnorm(task: Task, model: torch.nn.Module, examples: Examples, 
     dev = next(model.parameters()).device
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0))
     with autocast(precision):
-        for x, _ in loader(examples, list(order.split(batch_size))[:batches], task.num_workers):
+        for x, _ in loader(examples, list(order.split(BN_BATCH_SIZE))[:batches], task.num_workers):
             task.logits(model, to_device(x, dev))
     for m, momentum in zip(norms, saved):
         m.momentum = momentum
