@@ -9,33 +9,42 @@ What is measured, on the same machine and in the same run:
                 (--loop-runs 2, the default) so drift from other users' load shows up;
                 the comparison uses the faster loop run (other users' load only ever
                 slows a run down, so this is conservative for the orchestrator).
-  orchestrator  the same K configs through orchestrator.fanout.run exactly as
-                `python -m orchestrator.soup_sweep` wires it: the default config
-                (search_spaces/glyphs_soup.yaml) with num_samples=K, a real Pool and a
-                real sqlite MLflow store in a temp dir, resources 1 CPU per trial (so on
-                2 cores 2 trials run at once), reuse_actors, a checkpoint every epoch.
-                Timed separately: MLflow store set-up + parent run, ray.init (fanout.connect),
-                the Tune fit (fanout.run), ray.shutdown.
+  orchestrator  the same K configs through the soup sweep's own steps, as
+                `python -m orchestrator.soup_sweep --num-samples K` runs them:
+                orchestrator.soup.sweep.SoupSweep with the default config
+                (orchestrator/configs/glyphs_soup.yaml), a real Pool and a real sqlite
+                MLflow store in a temp dir, resources 1 CPU per trial (so on 2 cores 2
+                trials run at once), reused actors, a checkpoint every epoch. Timed
+                separately: check_inputs() (config, task data, MLflow, pool) + setup()
+                (pretrained weights from the pool, MLflow parent run); ray.init
+                (common.tune.connect, called just before train(), which then finds Ray
+                running); train() (the Tune fit, then failed trials and the MLflow replay
+                check); ray.shutdown. The sweep's pool starts with the cached pretrained row,
+                as a second sweep on the same pool would.
   reference     the loop once more at the end with 1 torch thread (--ref-threads): on a
                 2-core machine that other users load too, 2 intra-op threads can be many
                 times slower than 1 (threads wait for each other at every op), so this
                 shows how much of a gap is the loop's threading rather than the tool.
 
-The K configs are the ones the sweep itself would sample: Tune's BasicVariantGenerator
-with the config's search_seed, pre-sampled here with Tune's own variant generator, and
-checked afterwards against the configs Tune actually ran.
+The K configs are the ones the sweep itself samples: Tune's BasicVariantGenerator with the
+config's search_seed, pre-sampled here with Tune's own variant generator, and checked
+afterwards against the configs Tune actually ran.
 
 Printed: wall time of each side, the ratio orchestrator/loop with and without Ray
 start-up, and the per-trial overhead
 
-    overhead per trial = (orchestrator_fit_wall - loop_wall) * slots / K      [core-seconds]
+    overhead per trial = (orchestrator_train_wall - loop_wall) * slots / K      [core-seconds]
 
 where slots = the number of trials Ray runs at once (= cores here). Both sides own the
 same cores for their whole wall time (the loop through 2 intra-op threads, the
 orchestrator through 2 one-thread trials), so the wall difference times the cores is the
 extra machine time the orchestrator spent, spread over K trials (negative = it spent less).
+Per-epoch training seconds come from the pool rows' history (epoch_seconds: run_epoch
+only), the time inside each trial function from Tune's time_total_s.
 
-Target: orchestrator not slower than the loop on 2 cores (fit ratio <= 1.0).
+Target: orchestrator not slower than the loop on 2 cores (train ratio <= 1.0).
+
+--tiny: K=2 on the tiny glyph task (bench/common.py TINY_TASK), 1-2 epochs per trial.
 
 The pretrained glyph weights (~35-80 s to make) are cached in a pool under
 --cache-dir (default: $TMPDIR/orchestrator-bench-cache), shared with bench_greedy.py.
@@ -44,23 +53,20 @@ Everything else lives in a temp dir that is removed at the end (--keep to keep i
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import math
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 
-DEFAULT_CACHE = os.path.join(tempfile.gettempdir(), "orchestrator-bench-cache")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: `bench`
+from bench import common  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python bench/bench_fanout.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--k", type=int, default=8, help="number of fine-tuning configs (trials) (default: 8)")
+def parse_args(argv=None):
+    p = common.parser("python bench/bench_fanout.py", __doc__)
+    p.add_argument("--k", type=int, default=None,
+                   help="number of fine-tuning configs (trials) (default: 8; 2 with --tiny)")
     p.add_argument("--search-seed", type=int, default=None,
                    help="seed of the config sampling (default: the config's search_seed)")
     p.add_argument("--loop-threads", type=int, default=2, help="torch threads of the plain loop (default: 2)")
@@ -70,55 +76,28 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also run the loop once more at the end with this many threads, as a reference "
                         "(default: 1; 0 = skip)")
     p.add_argument("--address", default="local",
-                   help="Ray address for fanout.connect (default: local = always a fresh private local Ray; "
+                   help="Ray address for tune.connect (default: local = always a fresh private local Ray; "
                         "with no address Ray would attach to a cluster someone started with `ray start`)")
-    p.add_argument("--cache-dir", default=DEFAULT_CACHE,
-                   help=f"where the pretrained weights are cached (default: {DEFAULT_CACHE})")
+    common.add_cache_flag(p)
     p.add_argument("--show-ray-output", action="store_true",
                    help="let Ray/Tune/MLflow print to the terminal (default: captured in a log, tail shown on error)")
-    p.add_argument("--keep", action="store_true", help="keep the temp dir (pool, mlflow.db, ray_results, log)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides as for soup_sweep, e.g. hyperparameters.epochs=2")
-    return p.parse_args(argv)
-
-
-@contextlib.contextmanager
-def captured(path: str | None):
-    """Send this process's stdout/stderr (file descriptors, so Ray's log forwarding too) to a file."""
-    if path is None:
-        yield
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for f in (fd, *saved):
-            os.close(f)
-
-
-def tail(path: str, n: int = 40) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-n:])
-    except OSError:
-        return ""
+    common.add_keep_flag(p, "pool, mlflow.db, ray_results, logs")
+    common.add_tiny_flag(p, "K=2 trials of the tiny glyph task")
+    common.add_overrides(p)
+    args = p.parse_args(argv)
+    if args.k is None:
+        args.k = 2 if args.tiny else 8
+    if args.k < 1:
+        p.error("--k must be >= 1")
+    return args
 
 
 def presample(cfg) -> list[dict]:
-    """The K configs fanout.run will run: Tune's variant generator, same space, same seed, same order."""
+    """The K configs the sweep will run: Tune's variant generator, same space, same seed, same order."""
     from ray.tune.search.sample import _BackwardsCompatibleNumpyRng
     from ray.tune.search.variant_generator import generate_variants
 
-    from orchestrator.config import search_space
+    from orchestrator.common.config import search_space
 
     space = search_space(cfg["hyperparameters"])
     rng = _BackwardsCompatibleNumpyRng(cfg["search_seed"])
@@ -131,35 +110,28 @@ def presample(cfg) -> list[dict]:
 
 def config_key(hp: dict) -> tuple:
     """A hashable key for a trial's full hyperparameters (defaults filled in, as FineTune does)."""
-    from orchestrator.train import HPARAMS
+    from orchestrator.soup.train import HPARAMS
 
     return tuple(sorted((k, round(v, 12) if isinstance(v, float) else v) for k, v in {**HPARAMS, **hp}.items()))
-
-
-def cached_pretrained(cache_dir: str, task, sweep: str):
-    from orchestrator.pool import Pool
-    from orchestrator.soup_sweep import ensure_pretrained
-
-    pool = Pool(os.path.join(cache_dir, "pool"), create=True)
-    row = ensure_pretrained(pool, task, sweep)
-    return row, pool.load(row)
 
 
 def plain_loop(task, data, init, configs, threads: int) -> dict:
     """What a user would write: fine-tune each config in turn, evaluating after every epoch."""
     import torch
 
-    from orchestrator.train import FineTune, evaluate
+    from orchestrator.soup.train import FineTune, evaluate
 
     torch.set_num_threads(threads)
-    per_trial, finals = [], {}
+    per_trial, epoch_s, finals = [], [], {}
     t0 = time.perf_counter()
     for hp in configs:
         t = time.perf_counter()
         run = FineTune(task, data, init, hp)
         metrics = {}
         while not run.done:
+            te = time.perf_counter()
             loss = run.run_epoch()
+            epoch_s.append(time.perf_counter() - te)
             if not math.isfinite(loss):
                 metrics = {"val_acc": 0.0, "diverged": 1.0}
                 break
@@ -167,72 +139,81 @@ def plain_loop(task, data, init, configs, threads: int) -> dict:
             run.history.append({"epoch": run.epoch, **metrics})
         per_trial.append(time.perf_counter() - t)
         finals[config_key(hp)] = metrics.get("val_acc", 0.0)
-    return {"wall": time.perf_counter() - t0, "per_trial": per_trial, "val_acc": finals}
+    return {"wall": time.perf_counter() - t0, "per_trial": per_trial, "epoch_s": epoch_s, "val_acc": finals}
 
 
-def orchestrated(cfg, task, data, pre_row, pre_weights, tmp: str, log: str | None, address: str) -> dict:
-    """The sweep's train() step on these K configs, with each phase timed."""
+def orchestrated(args, overrides, pre_row, pre_weights, tmp: str, log: str | None) -> dict:
+    """The soup sweep's check_inputs, setup and train steps on these K configs, each timed."""
     import ray
+    from mlflow import MlflowClient
 
-    from orchestrator import fanout, tracking
-    from orchestrator.config import task_settings
-    from orchestrator.pool import Pool
-    from orchestrator.trial import SweepContext
+    from orchestrator.common import tracking, tune
+    from orchestrator.common.pool import Pool
+    from orchestrator.soup.sweep import SoupSweep
+    from orchestrator.soup.sweep import parse_args as sweep_args
 
-    pool = Pool(os.path.join(tmp, "pool"), create=True)
-    pool.add(pre_row, pre_weights)  # the pretrained row, as ensure_pretrained leaves it in a sweep's pool
-    uri = f"sqlite:///{os.path.join(tmp, 'mlflow.db')}"
-    out: dict = {"pool": pool}
-    with captured(log):
+    pool_dir = os.path.join(tmp, "pool")
+    common.add_row(Pool(pool_dir, create=True), pre_row, pre_weights)  # as ensure_pretrained left it
+    argv = ["--pool", pool_dir, "--tracking-uri", f"sqlite:///{os.path.join(tmp, 'mlflow.db')}",
+            "--storage", os.path.join(tmp, "ray_results"), "--log-dir", os.path.join(tmp, "logs"),
+            "--address", args.address, "--num-samples", str(args.k), *(["--verbose"] if args.show_ray_output else []),
+            *overrides]
+    sweep_ns = sweep_args(argv)
+    sweep_ns.log_file = args.library_log
+    sweep = SoupSweep(sweep_ns)
+    out: dict = {}
+    with common.captured(log):
         t = time.perf_counter()
-        exp = tracking.experiment_id(uri, cfg["sweep"])
-        parent = tracking.start_run(uri, exp, f"{cfg['sweep']}-bench", "sweep", tags={tracking.SWEEP: cfg["sweep"]},
-                                    params={"num_samples": cfg["num_samples"], "pretrained_id": pre_row["id"]})
-        out["mlflow_setup"] = time.perf_counter() - t
-
+        sweep.check_inputs()
+        out["check_inputs"] = time.perf_counter() - t
         t = time.perf_counter()
-        size = fanout.connect(address)
-        out["ray_init"] = time.perf_counter() - t
-        out["size"] = size
+        sweep.setup()
+        out["setup"] = time.perf_counter() - t
         try:
-            ctx = SweepContext(sweep=cfg["sweep"], task_name=task.name, task_settings=task_settings(cfg),
-                               pool_uri=pool.uri, pretrained_id=pre_row["id"], tracking_uri=uri, experiment_id=exp,
-                               parent_run_id=parent, cpus_per_trial=int(max(1, cfg["resources"]["cpu"])))
             t = time.perf_counter()
-            results = fanout.run(cfg, ctx, data, os.path.join(tmp, "ray_results"), name=f"{cfg['sweep']}-bench")
-            out["fit"] = time.perf_counter() - t
-            out["errors"] = fanout.errored_trial_ids(results)
-            out["configs"] = [r.config for r in results]
-            out["time_total_s"] = [r.metrics.get("time_total_s", float("nan")) for r in results]
-            out["iters"] = []  # per trial: seconds per epoch as Tune saw them (training, evaluation, report)
-            for r in results:
-                df = r.metrics_dataframe
-                if df is not None and "time_this_iter_s" in df:
-                    out["iters"].append([float(x) for x in df["time_this_iter_s"]])
-            tracking.end_run(uri, parent)
+            out["size"] = tune.connect(sweep_ns.address, sweep_ns.verbose)
+            out["ray_init"] = time.perf_counter() - t
+            t = time.perf_counter()
+            sweep.train()
+            out["train"] = time.perf_counter() - t
+            tracking.end_run(sweep.uri, sweep.parent)
         finally:
             t = time.perf_counter()
             ray.shutdown()
             out["ray_shutdown"] = time.perf_counter() - t
-    from mlflow import MlflowClient
-
-    runs = MlflowClient(uri).search_runs([exp], filter_string=f"tags.`{tracking.ROLE}` = 'trial'", max_results=1000)
+    results = sweep.results
+    out["errors"] = [(f.trial_id, f.error) for f in tune.failed_trials(results)]
+    out["configs"] = [dict(r.config) for r in results]
+    out["time_total_s"] = [float((r.metrics or {}).get("time_total_s", float("nan"))) for r in results]
+    runs = MlflowClient(sweep.uri).search_runs([sweep.experiment], filter_string=f"tags.`{tracking.ROLE}` = 'trial'",
+                                               max_results=1000)
     out["mlflow_trial_runs"] = len(runs)
-    df = pool.manifest()
+    df = sweep.pool.manifest()
     trials = df[df["kind"] == "trial"]
     out["pool_ok"] = int((trials["status"] == "ok").sum())
     out["val_acc"] = {config_key(h): m.get("val_acc", 0.0) for h, m in zip(trials["hparams"], trials["metrics"])}
+    # per trial: the training seconds of each epoch (run_epoch only), from the pool rows' history
+    out["epoch_s"] = [[float(e["epoch_seconds"]) for e in h if "epoch_seconds" in e] for h in trials["history"]]
     return out
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
+    with common.temp_dir("bench_fanout-", args.keep, cd=True) as tmp:  # as if the sweep ran there
+        # first, as soup_sweep's main() does: the quiet environment Ray's workers inherit, library logs to a file
+        args.library_log = common.route_library_output(os.path.join(tmp, "logs"), "soup_sweep", args.show_ray_output)
+        try:
+            return run(args, tmp, t_start)
+        finally:
+            common.unroute_library_output(os.path.join(tmp, "logs"))
 
+
+def run(args, tmp: str, t_start: float) -> int:
     t = time.perf_counter()
     import torch  # noqa: F401
 
-    from orchestrator.config import load_config, make_task
+    from orchestrator.soup.train import FineTune  # noqa: F401
     t_imp_torch = time.perf_counter() - t
     t = time.perf_counter()
     import mlflow  # noqa: F401
@@ -240,55 +221,50 @@ def main(argv=None) -> int:
     from ray import tune  # noqa: F401
     t_imp_ray = time.perf_counter() - t
 
-    overrides = [f"num_samples={args.k}"] + ([f"search_seed={args.search_seed}"] if args.search_seed is not None else [])
-    cfg = load_config(None, list(args.overrides) + overrides)
+    overrides = common.soup_overrides(
+        args, f"num_samples={args.k}", *([f"search_seed={args.search_seed}"] if args.search_seed is not None else []))
+    cfg = common.load_soup_config(overrides)
+    from orchestrator.soup.config import make_task
+
     task = make_task(cfg)
-    pre_row, pre_weights = cached_pretrained(args.cache_dir, task, cfg["sweep"])
     data = task.data()
+    pre_row, pre_weights = common.cached_pretrained(args.cache_dir, task, data, cfg["sweep"])
     configs = presample(cfg)
     epochs = [c.get("epochs", 4) for c in configs]
-    print(f"bench_fanout: K={args.k} configs from the default search space (search_seed={cfg['search_seed']}), "
-          f"{sum(epochs)} epochs in all (per trial: {epochs}); {os.cpu_count()} CPUs visible, "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"bench_fanout: K={args.k} configs from the default search space{' (--tiny task)' if args.tiny else ''} "
+          f"(search_seed={cfg['search_seed']}), {sum(epochs)} epochs in all (per trial: {epochs}); "
+          f"{os.cpu_count()} CPUs visible, load average {common.load():.2f}")
     print(f"imports (not in any timing below): torch+orchestrator {t_imp_torch:.1f} s, ray+tune+mlflow {t_imp_ray:.1f} s")
 
-    tmp = tempfile.mkdtemp(prefix="bench_fanout-")
     log = None if args.show_ray_output else os.path.join(tmp, "ray_mlflow_output.log")
-    loops, ref, orch = [], None, None
+    loops, ref = [], None
     step = iter(range(1, 10))
 
     def loop_phase(threads: int, label: str) -> dict:
         print(f"[{next(step)}] {label} ({threads} torch thread{'s' if threads > 1 else ''}) ...", flush=True)
         r = plain_loop(task, data, pre_weights, configs, threads)
-        r["load"] = os.getloadavg()[0]
+        r["load"] = common.load()
         print(f"    {r['wall']:.1f} s (load average {r['load']:.2f})", flush=True)
         return r
 
+    loops.append(loop_phase(args.loop_threads, "plain loop"))
+    print(f"[{next(step)}] orchestrator (SoupSweep check_inputs, setup, train: {cfg['resources']['cpu']:g} CPU per "
+          f"trial, real pool + sqlite MLflow) ...", flush=True)
     try:
-        loops.append(loop_phase(args.loop_threads, "plain loop"))
-        print(f"[{next(step)}] orchestrator (fanout.run, {cfg['resources']['cpu']:g} CPU per trial, "
-              f"real pool + sqlite MLflow) ...", flush=True)
-        try:
-            orch = orchestrated(cfg, task, data, pre_row, pre_weights, tmp, log, args.address)
-        except BaseException:
-            if log:
-                print(f"--- last lines of the Ray/MLflow output ({log}) ---\n{tail(log)}", file=sys.stderr)
-            raise
-        orch["load"] = os.getloadavg()[0]
-        print(f"    fit {orch['fit']:.1f} s (+ ray.init {orch['ray_init']:.1f} s) "
-              f"(load average {orch['load']:.2f})", flush=True)
-        if args.loop_runs == 2:
-            loops.append(loop_phase(args.loop_threads, "plain loop again"))
-        if args.ref_threads and args.ref_threads != args.loop_threads:
-            ref = loop_phase(args.ref_threads, "reference: plain loop")
-        report(args, cfg, configs, loops, ref, orch, log)
-    finally:
-        if args.keep:
-            print(f"kept: {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-    print(f"bench_fanout finished in {time.perf_counter() - t_start:.0f} s "
-          f"(load average now {os.getloadavg()[0]:.2f})")
+        orch = orchestrated(args, overrides, pre_row, pre_weights, tmp, log)
+    except BaseException:
+        for path in filter(None, (log, args.library_log)):
+            print(f"--- last lines of {path} ---\n{common.tail(path)}", file=sys.stderr)
+        raise
+    orch["load"] = common.load()
+    print(f"    train {orch['train']:.1f} s (+ ray.init {orch['ray_init']:.1f} s) "
+          f"(load average {orch['load']:.2f})", flush=True)
+    if args.loop_runs == 2:
+        loops.append(loop_phase(args.loop_threads, "plain loop again"))
+    if args.ref_threads and args.ref_threads != args.loop_threads:
+        ref = loop_phase(args.ref_threads, "reference: plain loop")
+    report(args, cfg, configs, loops, ref, orch, log)
+    print(f"bench_fanout finished in {time.perf_counter() - t_start:.0f} s (load average now {common.load():.2f})")
     return 0
 
 
@@ -299,10 +275,11 @@ def report(args, cfg, configs, loops, ref, orch, log) -> None:
         slots = min(slots, cfg["max_concurrent_trials"])
     slots = min(slots, k)
     loop_wall = min(lp["wall"] for lp in loops)  # contention only slows a run: the faster is the truer cost
-    fit = orch["fit"]
-    with_init = orch["ray_init"] + fit
-    end_to_end = orch["mlflow_setup"] + orch["ray_init"] + fit + orch["ray_shutdown"]
-    overhead = (fit - loop_wall) * slots / k
+    train = orch["train"]
+    with_init = orch["ray_init"] + train
+    set_up = orch["check_inputs"] + orch["setup"]
+    end_to_end = set_up + orch["ray_init"] + train + orch["ray_shutdown"]
+    overhead = (train - loop_wall) * slots / k
 
     print()
     print("== checks ==")
@@ -316,13 +293,11 @@ def report(args, cfg, configs, loops, ref, orch, log) -> None:
     diffs = [abs(loop_acc[key] - orch["val_acc"][key]) for key in both]
     print(f"final val_acc identical loop vs trial: {agree}/{len(both)} "
           f"(max |diff| {max(diffs, default=0.0):.4f}; 2-thread vs 1-thread float sums can differ)")
-    if orch["errors"]:
-        for tid, err in orch["errors"]:
-            print(f"  trial {tid}: {err}")
+    for tid, err in orch["errors"]:
+        print(f"  trial {tid}: {err}")
     if log:
-        with open(log, errors="replace") as f:
-            n = sum(1 for _ in f)
-        print(f"Ray/Tune/MLflow console output: {n} lines captured (--show-ray-output to see it)")
+        print(f"Ray/Tune/MLflow console output: {common.count_lines(log)} lines captured, library log "
+              f"{common.count_lines(args.library_log)} lines (--show-ray-output to see them)")
 
     print()
     print(f"== wall time, K={k} trials, {slots} trials at a time in Ray ==")
@@ -335,38 +310,48 @@ def report(args, cfg, configs, loops, ref, orch, log) -> None:
     if ref:
         print(f"reference: plain loop, {args.ref_threads} thread(s), last   {ref['wall']:7.1f} s   "
               f"per trial {' '.join(f'{x:.1f}' for x in ref['per_trial'])}")
-    print(f"orchestrator: MLflow store + parent run {orch['mlflow_setup']:7.1f} s")
-    print(f"orchestrator: ray.init (fanout.connect) {orch['ray_init']:7.1f} s")
-    print(f"orchestrator: Tune fit (fanout.run)     {fit:7.1f} s")
-    print(f"orchestrator: ray.shutdown              {orch['ray_shutdown']:7.1f} s")
+    print(f"orchestrator: check_inputs + setup       {set_up:7.1f} s   (check_inputs {orch['check_inputs']:.1f} s: "
+          f"config, task data, MLflow, pool; setup {orch['setup']:.1f} s: pretrained from the pool, MLflow parent run)")
+    print(f"orchestrator: ray.init (tune.connect)    {orch['ray_init']:7.1f} s")
+    print(f"orchestrator: train (SoupSweep.train)    {train:7.1f} s")
+    print(f"orchestrator: ray.shutdown               {orch['ray_shutdown']:7.1f} s")
     inside = [x for x in orch["time_total_s"] if math.isfinite(x)]
     if inside:
-        share = sum(inside) / (fit * slots)
+        share = sum(inside) / (train * slots)
         print(f"inside the trial functions (Tune time_total_s, summed) {sum(inside):.1f} slot-s of "
-              f"{fit * slots:.1f} slot-s = fit wall x {slots} slots ({share:.0%}); the rest is trial start-up, "
+              f"{train * slots:.1f} slot-s = train wall x {slots} slots ({share:.0%}); the rest is trial start-up, "
               f"scheduling and slots left idle")
         if ref and args.ref_threads == int(cfg["resources"]["cpu"]):
             print(f"inside run_trial beyond the same training + evaluation in the {args.ref_threads}-thread loop: "
                   f"({sum(inside):.1f} - {ref['wall']:.1f}) / {k} = {(sum(inside) - ref['wall']) / k:.2f} s per trial "
                   f"(MLflow, checkpoints, pool, tune.report round trips, worker start-up, and the CPU two concurrent "
-                  f"trials lose to each other, to Ray's own processes and to other users: trials run at nice 15)")
-    iters = orch.get("iters") or []
-    if iters:
-        n_ep = sum(len(it) for it in iters)
-        later = [x for it in iters for x in it[1:]]
-        print(f"seconds per epoch in the trials (Tune time_this_iter_s: train + evaluate + MLflow + checkpoint + report): "
-              f"first epoch of each trial {' '.join(f'{it[0]:.1f}' for it in iters)}; "
-              f"later epochs median {f'{statistics.median(later):.2f}' if later else 'n/a'}")
-        print(f"seconds per epoch in the loop: {loop_wall / n_ep:.2f} ({args.loop_threads} threads, faster run)"
-              + (f", {ref['wall'] / n_ep:.2f} ({args.ref_threads} thread(s))" if ref else "")
-              + "; a Ray worker's first trial also pays its process start-up (torch, MLflow store ~2 s, task data)")
+                  f"trials lose to each other, to Ray's own processes and to other users)")
+    epochs = orch.get("epoch_s") or []
+    trial_epochs = [x for per_trial in epochs for x in per_trial]
+    if trial_epochs:
+        first = [per_trial[0] for per_trial in epochs if per_trial]
+        later = [x for per_trial in epochs for x in per_trial[1:]]
+        train_in_trials = sum(trial_epochs)
+        print(f"training seconds per epoch in the trials (pool history epoch_seconds, run_epoch only, "
+              f"{slots} at a time, 1 thread each): median {statistics.median(trial_epochs):.2f}; first epoch of each "
+              f"trial {' '.join(f'{x:.2f}' for x in first)}; later epochs median "
+              f"{f'{statistics.median(later):.2f}' if later else 'n/a'}")
+        loop_best = min(loops, key=lambda lp: lp["wall"])
+        print(f"training seconds per epoch in the loop (run_epoch only): median "
+              f"{statistics.median(loop_best['epoch_s']):.2f} ({args.loop_threads} threads, faster run)"
+              + (f", {statistics.median(ref['epoch_s']):.2f} ({args.ref_threads} thread(s))" if ref else ""))
+        if inside:
+            print(f"inside the trial functions but outside run_epoch: ({sum(inside):.1f} - {train_in_trials:.1f}) / "
+                  f"{k} = {(sum(inside) - train_in_trials) / k:.2f} s per trial (evaluation every epoch, MLflow, "
+                  f"checkpoints, pool, reports)")
     print()
     print("== comparison ==")
-    print(f"ratio orchestrator/loop, fit only                 {fit / loop_wall:5.2f}x")
-    print(f"ratio orchestrator/loop, ray.init + fit           {with_init / loop_wall:5.2f}x")
-    print(f"ratio orchestrator/loop, MLflow+init+fit+shutdown {end_to_end / loop_wall:5.2f}x")
-    print(f"per-trial overhead = (orchestrator_fit_wall - loop_wall) * slots / K "
-          f"= ({fit:.1f} - {loop_wall:.1f}) * {slots} / {k} = {overhead:+.2f} core-s per trial")
+    print(f"ratio orchestrator/loop, train only                       {train / loop_wall:5.2f}x")
+    print(f"ratio orchestrator/loop, ray.init + train                 {with_init / loop_wall:5.2f}x")
+    print(f"ratio orchestrator/loop, set-up+init+train+shutdown       {end_to_end / loop_wall:5.2f}x   "
+          f"(set-up includes reading the task data, which the loop was handed)")
+    print(f"per-trial overhead = (orchestrator_train_wall - loop_wall) * slots / K "
+          f"= ({train:.1f} - {loop_wall:.1f}) * {slots} / {k} = {overhead:+.2f} core-s per trial")
     print(f"   (both sides own the same {slots} cores for their whole wall time; "
           f"negative = the orchestrator used less machine time)")
     print(f"   with ray.init charged to the trials too: "
@@ -374,22 +359,23 @@ def report(args, cfg, configs, loops, ref, orch, log) -> None:
     phases = [loops[0], orch, *loops[1:], *([ref] if ref else [])]
     loads = ", ".join(f"{p['load']:.1f}" for p in phases)
     if ref:
-        print(f"reference: ratio orchestrator fit / {args.ref_threads}-thread loop  {fit / ref['wall']:5.2f}x")
+        print(f"reference: ratio orchestrator train / {args.ref_threads}-thread loop  {train / ref['wall']:5.2f}x")
     print(f"1-min load average at the end of each phase, in run order (own load ~2 included): {loads}")
-    met = fit <= loop_wall
-    print(f"target: orchestrator not slower than the loop on 2 cores (fit only): "
-          f"{'MET' if met else 'NOT MET'} ({fit:.1f} s vs {loop_wall:.1f} s); "
+    met = train <= loop_wall
+    print(f"target: orchestrator not slower than the loop on 2 cores (train only): "
+          f"{'MET' if met else 'NOT MET'} ({train:.1f} s vs {loop_wall:.1f} s); "
           f"with Ray start-up: {'MET' if with_init <= loop_wall else 'NOT MET'} ({with_init:.1f} s)")
     best = min([loop_wall] + ([ref["wall"]] if ref else []))
     if best < loop_wall:
         print(f"target against the fastest plain loop of any thread count ({args.ref_threads}-thread reference, "
-              f"{best:.1f} s): {'MET' if fit <= best else 'NOT MET'} "
-              f"(fit {fit / best:.2f}x, ray.init + fit {with_init / best:.2f}x)")
+              f"{best:.1f} s): {'MET' if train <= best else 'NOT MET'} "
+              f"(train {train / best:.2f}x, ray.init + train {with_init / best:.2f}x)")
     walls = [lp["wall"] for lp in loops]
     if max(walls) > 1.5 * min(walls):
         print(f"CAUTION: the {args.loop_threads}-thread loop runs range {min(walls):.1f}..{max(walls):.1f} s: "
               f"other users' load moved them, not the code; "
               + ("quote the fastest-loop line" if best < loop_wall else "rerun on a quieter machine"))
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,20 +7,22 @@ with their metrics in a real Pool (one pool per N in a temp dir, holding the
 pretrained weights and the first N ingredients).
 
 For each N, a FRESH Python process (so peak memory is that N's alone) does what
-soup_sweep does before cooking: task.data(), Kitchen(pool, ...), and then:
+soup_sweep does before cooking: task.data(), Kitchen(pool, task, data, sweep, settings),
+and then:
 
   verify       Kitchen.loadable(): reads and sha256-checks every ingredient once
                (reported separately, it is not part of the greedy soup)
   warm-up      the pretrained weights evaluated on every set (as the zero_shot recipe
                does before greedy_soup in a sweep), then one held-out evaluation with
                its peak memory measured (highest of 5): the evaluation's own working set
-  greedy       the registered recipe recipes.greedy_soup(kitchen): soups.greedy_soup
-               with the Kitchen's load and val_acc, then one full evaluation of the soup.
-               Timed: the soups.greedy_soup call, the time inside the held-out
+  greedy       the registered recipe through soup.recipes.cook(kitchen, ["greedy_soup"],
+               soup settings), as the sweep cooks it: soup.merge.greedy_soup with the
+               Kitchen's load and val_acc, then one full evaluation of the soup.
+               Timed: the merge.greedy_soup call, the time inside the held-out
                evaluations (the val_acc score callback, wrapped), inside Kitchen.load,
                and the recipe as a whole.
 
-Peak memory: the process's peak RSS during soups.greedy_soup (VmHWM, reset just before
+Peak memory: the process's peak RSS during merge.greedy_soup (VmHWM, reset just before
 via /proc/self/clear_refs; a 1 ms RSS sampler if that is not allowed) minus the RSS just
 before it; torch allocations are in RSS, unlike tracemalloc. glibc keeps freed memory
 resident and reuses it, which hides new allocations from RSS, so memory comes from one
@@ -37,6 +39,8 @@ other users hits every N alike; the table shows the median.
 Targets: time outside the held-out evaluations < 10% of the greedy soup's time;
 peak memory flat in N and under 4x one state dict.
 
+--tiny: N = 2 and 3 on the tiny glyph task (bench/common.py TINY_TASK), 1 repeat.
+
 The pretrained weights are cached in a pool under --cache-dir (default:
 $TMPDIR/orchestrator-bench-cache), shared with bench_fanout.py; everything else is in
 a temp dir removed at the end (--keep to keep it).
@@ -49,34 +53,39 @@ import gc
 import json
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
-DEFAULT_CACHE = os.path.join(tempfile.gettempdir(), "orchestrator-bench-cache")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: `bench`
+from bench import common  # noqa: E402
+
 SWEEP = "bench_greedy"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python bench/bench_greedy.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, nargs="+", default=[4, 16, 64], metavar="N",
-                   help="numbers of ingredients to soup, e.g. --n 4 16 64 (default: 4 16 64)")
-    p.add_argument("--repeats", type=int, default=3, help="fresh processes per N, median shown (default: 3)")
+def parse_args(argv=None):
+    p = common.parser("python bench/bench_greedy.py", __doc__)
+    p.add_argument("--n", type=int, nargs="+", default=None, metavar="N",
+                   help="numbers of ingredients to soup, e.g. --n 4 16 64 (default: 4 16 64; 2 3 with --tiny)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="fresh processes per N, median shown (default: 3; 1 with --tiny)")
     p.add_argument("--accept", choices=[">=", ">"], default=None,
                    help="greedy acceptance rule (default: the config's soup.greedy_accept)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads for building ingredients and in the soup process (default: 1, steady "
                         "when other users load the machine; 0 = torch's default, as the sweep's driver uses)")
-    p.add_argument("--cache-dir", default=DEFAULT_CACHE,
-                   help=f"where the pretrained weights are cached (default: {DEFAULT_CACHE})")
-    p.add_argument("--keep", action="store_true", help="keep the temp dir with the pools")
+    common.add_cache_flag(p)
+    common.add_keep_flag(p, "the pools")
+    common.add_tiny_flag(p, "N = 2 3 on the tiny glyph task, 1 repeat")
     p.add_argument("--child", metavar="POOL", help=argparse.SUPPRESS)  # internal: measure one pool, print JSON
+    common.add_overrides(p)
     args = p.parse_args(argv)
+    if args.n is None:
+        args.n = [2, 3] if args.tiny else [4, 16, 64]
+    if args.repeats is None:
+        args.repeats = 1 if args.tiny else 3
     if any(n < 1 for n in args.n) or args.repeats < 1:
         p.error("--n values and --repeats must be >= 1")
     return args
@@ -153,22 +162,24 @@ def child(args) -> int:
     t = time.perf_counter()
     import torch
 
-    from orchestrator import recipes, soups
-    from orchestrator.config import load_config, make_task
-    from orchestrator.pool import Pool
-    from orchestrator.recipes import Kitchen
+    from orchestrator.common.pool import Pool
+    from orchestrator.soup import merge
+    from orchestrator.soup.config import make_task
+    from orchestrator.soup.kitchen import Kitchen
+    from orchestrator.soup.recipes import cook
     t_import = time.perf_counter() - t
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_config()
+    cfg = common.load_soup_config(common.soup_overrides(args))
     task = make_task(cfg)
     data = task.data()
     pool = Pool(args.child)
     settings = {**cfg["soup"], **({"greedy_accept": args.accept} if args.accept else {})}
 
     t = time.perf_counter()
-    kitchen = Kitchen(pool, task, data, sweep=SWEEP, settings=settings)
+    kitchen = Kitchen(pool, task, data, sweep=SWEEP,
+                      settings={"precision": cfg["precision"], "bn_batches": cfg["soup"]["bn_batches"]})
     t_kitchen = time.perf_counter() - t
     t = time.perf_counter()
     rows = kitchen.loadable()
@@ -205,7 +216,7 @@ def child(args) -> int:
 
     kitchen.evaluate = full_evaluate
     split = {}
-    greedy_soup = soups.greedy_soup
+    greedy_soup = merge.greedy_soup
 
     def greedy_then_split(*a, **kw):
         try:
@@ -213,14 +224,14 @@ def child(args) -> int:
         finally:
             split["greedy"] = mem.split()  # the recipe's final full evaluation is measured on its own
 
-    soups.greedy_soup = greedy_then_split  # recipes.greedy_soup calls soups.greedy_soup
+    merge.greedy_soup = greedy_then_split  # the greedy_soup recipe calls merge.greedy_soup
     try:
         with PeakRSS() as mem:
             t = time.perf_counter()
-            (dish,) = recipes.greedy_soup(kitchen, {})
+            (dish,) = cook(kitchen, ["greedy_soup"], settings)
             t_recipe = time.perf_counter() - t
     finally:
-        soups.greedy_soup = greedy_soup
+        merge.greedy_soup = greedy_soup
 
     out = {"n": len(kitchen.ingredients), "loadable": len(rows), "kept": dish.params["n_ingredients"],
            "best_val": rows[0]["metrics"]["val_acc"], "soup_val": dish.metrics["val_acc"],
@@ -235,15 +246,6 @@ def child(args) -> int:
 
 
 # -- parent -------------------------------------------------------------------------------
-
-
-def cached_pretrained(cache_dir: str, task, sweep: str):
-    from orchestrator.pool import Pool
-    from orchestrator.soup_sweep import ensure_pretrained
-
-    pool = Pool(os.path.join(cache_dir, "pool"), create=True)
-    row = ensure_pretrained(pool, task, sweep)
-    return row, pool.load(row)
 
 
 def sample_hparams(space: dict, rng) -> dict:
@@ -265,13 +267,14 @@ def sample_hparams(space: dict, rng) -> dict:
     return hp
 
 
-def build_ingredients(task, data, init, space, n: int, threads: int):
+def build_ingredients(task, data, init, space, n: int, threads: int, pretrained_id: str):
     """n real fine-tunes: one epoch each, hyperparameters from the config, evaluated like a trial."""
     import numpy as np
     import torch
 
-    from orchestrator.tasks.base import arch_fingerprint
-    from orchestrator.train import FineTune, evaluate
+    from orchestrator.common.pool import Row
+    from orchestrator.common.weights import arch_fingerprint
+    from orchestrator.soup.train import FineTune, evaluate
 
     if threads:
         torch.set_num_threads(threads)
@@ -280,12 +283,14 @@ def build_ingredients(task, data, init, space, n: int, threads: int):
     for i in range(n):
         hp = {**sample_hparams(space, rng), "epochs": 1, "seed": i}
         run = FineTune(task, data, init, hp)
+        t = time.perf_counter()
         loss = run.run_epoch()
-        metrics = {"train_loss": loss, **evaluate(task, run.model, data)}
+        seconds = time.perf_counter() - t
+        metrics = {"train_loss": loss, "epoch_seconds": seconds, **evaluate(task, run.model, data)}
         weights = run.weights()
-        out.append(({"id": f"{SWEEP}-{i:03d}", "kind": "trial", "sweep": SWEEP, "task": task.name, "status": "ok",
-                     "arch": arch_fingerprint(weights), "hparams": run.hp, "metrics": metrics,
-                     "history": [{"epoch": 1, **metrics}]}, weights))
+        out.append((Row(id=f"{SWEEP}-{i:03d}", kind="trial", sweep=SWEEP, task=task.name, status="ok",
+                        hparams=run.hp, metrics=metrics, history=[{"epoch": 1, **metrics}],
+                        parents=[pretrained_id], arch=arch_fingerprint(weights)), weights))
     return out
 
 
@@ -300,7 +305,12 @@ def run_child(pool_dir: str, args, strict_malloc: bool) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", pool_dir, "--threads", str(args.threads)]
     if args.accept:
         cmd += ["--accept", args.accept]
-    env = {k: v for k, v in os.environ.items() if k not in STRICT_MALLOC}
+    if args.tiny:
+        cmd += ["--tiny"]
+    cmd += list(args.overrides)
+    env = common.child_env()
+    for key in STRICT_MALLOC:
+        env.pop(key, None)
     if strict_malloc:
         env.update(STRICT_MALLOC)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -317,34 +327,35 @@ def main(argv=None) -> int:
         return child(args)
     t_start = time.perf_counter()
 
-    from orchestrator.config import load_config, make_task
-    from orchestrator.pool import Pool
+    from orchestrator.common.pool import Pool
+    from orchestrator.soup.config import make_task
 
-    cfg = load_config()
+    cfg = common.load_soup_config(common.soup_overrides(args))
     task = make_task(cfg)
-    pre_row, pre_weights = cached_pretrained(args.cache_dir, task, cfg["sweep"])
     data = task.data()
+    pre_row, pre_weights = common.cached_pretrained(args.cache_dir, task, data, cfg["sweep"])
     ns = sorted(set(args.n))
-    print(f"bench_greedy: N = {', '.join(map(str, ns))}; {args.repeats} fresh process(es) per N; "
-          f"accept {args.accept or cfg['soup']['greedy_accept']!r}; {os.cpu_count()} CPUs visible, "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"bench_greedy: N = {', '.join(map(str, ns))}{' (--tiny task)' if args.tiny else ''}; {args.repeats} fresh "
+          f"process(es) per N; accept {args.accept or cfg['soup']['greedy_accept']!r}; {os.cpu_count()} CPUs visible, "
+          f"load average {common.load():.2f}")
 
     t = time.perf_counter()
-    ingredients = build_ingredients(task, data, pre_weights, cfg["hyperparameters"], max(ns), args.threads)
+    ingredients = build_ingredients(task, data, pre_weights, cfg["hyperparameters"], max(ns), args.threads,
+                                    pre_row["id"])
     t_build = time.perf_counter() - t
-    vals = [row["metrics"]["val_acc"] for row, _ in ingredients]
+    vals = [row.metrics["val_acc"] for row, _ in ingredients]
+    epoch_s = [row.metrics["epoch_seconds"] for row, _ in ingredients]
     print(f"ingredients: {len(ingredients)} REAL fine-tunes (1 epoch each of FineTune from the cached pretrained "
-          f"weights, hyperparameters drawn from the default config, seed = index), built in {t_build:.0f} s; "
-          f"val_acc {min(vals):.3f}..{max(vals):.3f}")
+          f"weights, hyperparameters drawn from the default config, seed = index), built in {t_build:.0f} s "
+          f"(training epoch median {statistics.median(epoch_s):.2f} s); val_acc {min(vals):.3f}..{max(vals):.3f}")
 
-    tmp = tempfile.mkdtemp(prefix="bench_greedy-")
-    try:
+    with common.temp_dir("bench_greedy-", args.keep) as tmp:
         pools = {}
         for n in ns:
             pool = Pool(os.path.join(tmp, f"pool-{n}"), create=True)
-            pool.add(pre_row, pre_weights)
+            common.add_row(pool, pre_row, pre_weights)
             for row, weights in ingredients[:n]:
-                pool.add({**row, "parents": [pre_row["id"]]}, weights)
+                pool.add(row, weights)
             pools[n] = pool.uri
         results: dict[int, list[dict]] = {n: [] for n in ns}
         memory: dict[int, dict] = {}
@@ -354,15 +365,10 @@ def main(argv=None) -> int:
                 res = run_child(pools[n], args, strict)
                 (memory.__setitem__(n, res) if strict else results[n].append(res))
             what = "memory round (strict malloc)" if strict else f"timing round {r + 1}/{args.repeats}"
-            print(f"  {what} done (load average {os.getloadavg()[0]:.2f})", flush=True)
+            print(f"  {what} done (load average {common.load():.2f})", flush=True)
         report(ns, results, memory)
-    finally:
-        if args.keep:
-            print(f"kept: {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
     print(f"bench_greedy finished in {time.perf_counter() - t_start:.0f} s "
-          f"(load average now {os.getloadavg()[0]:.2f})")
+          f"(load average now {common.load():.2f})")
     return 0
 
 
@@ -374,14 +380,14 @@ def report(ns, results, memory) -> None:
     print()
     print(f"one state dict = {sd / 1024:.0f} KiB ({int(sd)} bytes); torch threads in the soup process: "
           f"{results[ns[0]][0]['threads']}; times: median of {len(results[ns[0]])} fresh process(es) per N")
-    print("  greedy s   the soups.greedy_soup call: N-1 candidates, each loaded (re-read + sha256), mixed, scored on val")
+    print("  greedy s   the merge.greedy_soup call: N-1 candidates, each loaded (re-read + sha256), mixed, scored on val")
     print("  held-out s inside the score callback (Kitchen.val_acc), N-1 calls;  load s: inside Kitchen.load")
     print("  outside %  (greedy s - held-out s) / greedy s;  recipe s: greedy s + the soup's final evaluation on "
           "every set")
     print("  verify s   Kitchen.loadable(): every ingredient read + sha256-checked once, before any recipe")
     print(f"memory: one more fresh process per N, glibc mmap threshold fixed at 64 KiB; peak RSS by "
           f"{memory[ns[0]]['mem_method']} minus RSS before the recipe")
-    print("  greedy MB  peak during soups.greedy_soup;  -eval: minus a held-out evaluation's own peak "
+    print("  greedy MB  peak during merge.greedy_soup;  -eval: minus a held-out evaluation's own peak "
           "(activations, same for every N; highest of 5)")
     print("  final MB   peak during the recipe's final evaluation of the soup on every eval set")
     head = (f"{'N':>4} {'verify s':>8} {'greedy s':>8} {'s/ingr':>7} {'held-out s':>10} {'load s':>6} "

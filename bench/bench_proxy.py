@@ -21,30 +21,55 @@ set-up and the initial validation loss are outside the timed loop. Target: diagn
 cost under 5%.
 
 Then the study's wall time: `python -m orchestrator.lr_sensitivity --preset quick` in a temp
-dir, timed from the outside (Ray start-up included); --default also times the default preset.
+dir on a fresh local Ray, timed from the outside (Ray start-up included); --default also
+times the default preset.
 
-    python bench/bench_proxy.py [--width 64] [--steps 150] [--repeats 5] [--default] [--skip-study]
+--tiny: 20 steps, 1 repeat, and a 2-run study (the quick preset at 20 steps, 1 LR, baseline only).
+
+    python bench/bench_proxy.py [--width 64] [--steps 150] [--repeats 5] [--default] [--skip-study] [--tiny]
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: `bench`
+from bench import common  # noqa: E402
 
-from orchestrator.lr_sensitivity import load_config
-from orchestrator.proxy_data import load_corpus
-from orchestrator.proxy_model import lm_loss, lr_schedule
-from orchestrator.proxy_trial import ProxyRun
+TINY_STEPS = 20
+TINY_STUDY = ["settings.steps=20", "settings.warmup_steps=2", "settings.probe_step=10",
+              "grid.lrs=[1.0e-2]", "grid.interventions=[baseline]"]  # over the quick preset: 2 runs, one per width
+
+
+def parse_args(argv=None):
+    p = common.parser("python bench/bench_proxy.py", __doc__)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"default: the default preset's settings.steps ({TINY_STEPS} with --tiny)")
+    p.add_argument("--repeats", type=int, default=None, help="default: 5 (1 with --tiny)")
+    p.add_argument("--default", action="store_true", help="also time the default preset (about 12 minutes)")
+    p.add_argument("--skip-study", action="store_true", help="only the tokens/s comparison")
+    p.add_argument("--address", default="local",
+                   help="Ray address the study runs on (default: local = a fresh private local Ray)")
+    common.add_tiny_flag(p, f"{TINY_STEPS} steps, 1 repeat, a 2-run study")
+    args = p.parse_args(argv)
+    if args.steps is None and args.tiny:
+        args.steps = TINY_STEPS
+    if args.repeats is None:
+        args.repeats = 1 if args.tiny else 5
+    if args.repeats < 1 or (args.steps is not None and args.steps < 1):
+        p.error("--repeats and --steps must be >= 1")
+    return args
 
 
 def run_study_loop(settings, width, lr, data, diagnostics: bool) -> float:
+    from orchestrator.proxy.run import ProxyRun
+
     run = ProxyRun(settings, width, lr, 0, data, diagnostics=diagnostics)
     t0 = time.process_time()
     while not run.done:
@@ -55,6 +80,11 @@ def run_study_loop(settings, width, lr, data, diagnostics: bool) -> float:
 
 
 def run_bare_loop(settings, width, lr, data) -> float:
+    import torch
+
+    from orchestrator.proxy.model import lm_loss, lr_schedule
+    from orchestrator.proxy.run import ProxyRun
+
     run = ProxyRun(settings, width, lr, 0, data, diagnostics=False)  # same model, init and batches
     model, gen, s = run.model, run.gen, settings
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(s["beta1"], s["beta2"]), eps=s["eps"],
@@ -73,27 +103,27 @@ def run_bare_loop(settings, width, lr, data) -> float:
     return time.process_time() - t0
 
 
-def time_study(preset: str) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
+def time_study(preset: str, overrides: list[str], address: str) -> float:
+    """`python -m orchestrator.lr_sensitivity` in a temp dir (pool, MLflow, Ray results and logs
+    land there and are removed), timed from the outside."""
+    with common.temp_dir(f"bench_proxy-{preset}-") as tmp:
+        cmd = [sys.executable, "-m", "orchestrator.lr_sensitivity", "--preset", preset, "--address", address,
+               *overrides]
         t0 = time.time()
-        proc = subprocess.run([sys.executable, "-m", "orchestrator.lr_sensitivity", "--preset", preset],
-                              cwd=tmp, capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, env=common.child_env())
         wall = time.time() - t0
         if proc.returncode != 0:
-            sys.exit(f"the {preset} study failed:\n{proc.stderr[-2000:]}")
+            sys.exit(f"the {preset} study failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
         print("\n".join(line for line in proc.stdout.splitlines() if "runs analysed" in line))
     return wall
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--steps", type=int, default=None, help="default: the default preset's settings.steps")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--default", action="store_true", help="also time the default preset (about 12 minutes)")
-    p.add_argument("--skip-study", action="store_true", help="only the tokens/s comparison")
-    args = p.parse_args()
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from orchestrator.proxy.config import load_config
+    from orchestrator.proxy.data import load_corpus
 
     cfg = load_config()
     settings = dict(cfg["settings"], **({"steps": args.steps} if args.steps else {}))
@@ -105,7 +135,7 @@ def main() -> int:
              "diag on": lambda: run_study_loop(settings, args.width, args.lr, data, True)}
     print(f"one proxy: width {args.width}, depth {settings['depth']}, {settings['steps']} steps x "
           f"{settings['batch_size']} x {settings['seq_len']} tokens, 1 thread, {args.repeats} interleaved repeats, "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"load average {common.load():.1f}")
     modes["bare"]()  # warm-up: first-call costs of the kernels
     times = {m: [] for m in modes}
     for _ in range(args.repeats):
@@ -122,8 +152,10 @@ def main() -> int:
 
     if not args.skip_study:
         for preset in ["quick"] + (["default"] if args.default else []):
-            print(f"{preset} preset study wall time: {time_study(preset):.0f} s "
-                  f"(load average {os.getloadavg()[0]:.1f})")
+            overrides = TINY_STUDY if args.tiny and preset == "quick" else []
+            label = f"{preset} preset study{' (--tiny: ' + ' '.join(overrides) + ')' if overrides else ''}"
+            print(f"{label} wall time: {time_study(preset, overrides, args.address):.0f} s "
+                  f"(load average {common.load():.1f})")
     return 0
 
 

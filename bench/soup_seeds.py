@@ -24,8 +24,10 @@ import sys
 import tempfile
 import time
 
-TINY = ["--num-samples", "2", "task.width=8", "task.pretrain_per_glyph=2", "task.pretrain_epochs=1",
-        "task.ood_font_per_digit=3", "hyperparameters.epochs={randint: [1, 2]}"]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: `bench`
+from bench import common  # noqa: E402
+
+TINY = ["--num-samples", "2", *common.TINY_TASK]
 METRICS = ("val_acc", "id_acc", "ood_acc", "acc_ood_fonts")
 
 
