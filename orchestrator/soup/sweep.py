@@ -113,6 +113,9 @@ class SoupSweep:
 
     def train(self) -> None:
         """Fan the trials out with Ray Tune; each one publishes itself to the pool and MLflow."""
+        from ray import tune as ray_tune
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
         from orchestrator.soup.trial import SweepContext, run_trial
 
         cfg, args = self.cfg, self.args
@@ -127,9 +130,6 @@ class SoupSweep:
                            cpus_per_trial=int(max(1, res["cpu"])), task_name=self.task.name,
                            task_settings=self.task.model_settings(), pretrained_id=self.pretrained["id"],
                            precision=cfg["precision"], resources=dict(res), storage=args.storage)
-        from ray import tune as ray_tune
-        from ray.tune.search.basic_variant import BasicVariantGenerator
-
         run = tune.TuneRun(
             name=f"{cfg['sweep']}-{self.started}", storage=args.storage,
             trainable=ray_tune.with_parameters(run_trial, ctx=ctx, data=self.data),
@@ -166,7 +166,7 @@ class SoupSweep:
             print(f"soup.recipes: also cooking {', '.join(pulled)} (needed by "
                   f"{', '.join(n for n in asked if set(RECIPES[n].needs) & set(pulled))})")
         print("cooking soups from the pool ...", flush=True)
-        kitchen = self.make_kitchen()  # after training: it reads the pool's trials
+        kitchen = self.kitchen or self.make_kitchen()  # made after training: it reads the pool's trials
         t_cook = time.time()
         self.dishes = cook(kitchen, names, self.cfg["soup"])
         print(f"cooked {len(self.dishes)} dishes on {kitchen.device.type} in {time.time() - t_cook:.1f} s", flush=True)
