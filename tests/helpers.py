@@ -10,6 +10,8 @@ import tempfile
 
 from orchestrator.common.pool import Pool
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
+
 # A tiny glyph task: seconds to pretrain, same code paths as the default.
 TINY_TASK = [
     "task.width=8", "task.pretrain_per_glyph=2", "task.pretrain_epochs=1", "task.ood_font_per_digit=3",

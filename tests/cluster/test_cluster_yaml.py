@@ -8,7 +8,7 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO as ROOT
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,8 @@ def test_commands_the_cluster_and_readme_run_exist_in_this_project(cfg):
     assert "orchestrator.soup_sweep" in modules
     for module in modules:
         assert importlib.util.find_spec(module) is not None, module
-    from orchestrator import pool, soup_sweep
+    from orchestrator import pool
+    from orchestrator.soup import sweep as soup_sweep
 
     text = re.sub(r"\\\n\s*", " ", text)  # join shell line continuations
     used = re.findall(r"orchestrator\.soup_sweep([^'`\n]*)", text)

@@ -15,8 +15,8 @@ import torch
 
 from orchestrator.common.errors import PoolError
 from orchestrator.common.pool import Pool, Row
+from tests.helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def weights(seed: int) -> dict[str, torch.Tensor]:
