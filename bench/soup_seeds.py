@@ -3,9 +3,9 @@
 One sweep's table is one draw of 16 hyperparameter settings; a library upgrade or another
 machine changes the numerics slightly and so every row of it. A range over search seeds
 (other draws of the same search space) says which differences between recipes are larger
-than that. Each seed runs `python -m orchestrator.soup_sweep search_seed=S` as a separate
-sweep (its own sweep name, so no seed's soups mix with another's) into one pool and one
-MLflow store, then this script reads every sweep's parent-run metrics (`<dish>_<metric>`)
+than that. Each seed runs the soup sweep with `search_seed=S` as a separate sweep (its own sweep
+name, so no seed's soups mix with another's; all in this process, sharing one local Ray)
+into one pool and one MLflow store, then this script reads every sweep's parent-run metrics (`<dish>_<metric>`)
 back from MLflow and prints min / median / max per row, plus how often the greedy soup beat
 the best individual.
 
@@ -17,9 +17,9 @@ the best individual.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,14 +42,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_sweeps(seeds: list[int], workdir: str, extra: list[str]) -> None:
+    """One sweep per seed, in this process: Ray starts once and is shared by all of them."""
+    from orchestrator.soup.sweep import main as sweep
+
     for seed in seeds:
         t0 = time.time()
-        cmd = [sys.executable, "-m", "orchestrator.soup_sweep", "--pool", os.path.join(workdir, "pool"),
-               "--tracking-uri", f"sqlite:///{workdir}/mlflow.db", "--storage", os.path.join(workdir, "ray_results"),
-               "--log-dir", os.path.join(workdir, "logs"), f"sweep=seeds-{seed}", f"search_seed={seed}", *extra]
-        done = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(f"seed {seed}: soup_sweep failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        log = os.path.join(workdir, f"sweep-{seed}.out")
+        with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            code = sweep(["--pool", os.path.join(workdir, "pool"), "--tracking-uri", f"sqlite:///{workdir}/mlflow.db",
+                          "--storage", os.path.join(workdir, "ray_results"), "--log-dir", os.path.join(workdir, "logs"),
+                          f"sweep=seeds-{seed}", f"search_seed={seed}", *extra])
+        if code != 0:
+            sys.exit(f"seed {seed}: soup_sweep failed ({code}):\n{open(log).read()[-3000:]}")
         print(f"seed {seed}: swept in {time.time() - t0:.0f} s", flush=True)
 
 
@@ -94,8 +98,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = os.path.abspath(args.workdir or tmp)
         os.makedirs(workdir, exist_ok=True)
+        os.chdir(workdir)  # MLflow puts artifacts under ./mlruns
         run_sweeps(seeds, workdir, extra)
         report(collect(seeds, workdir), seeds)
+        import ray
+
+        ray.shutdown()
     return 0
 
 
