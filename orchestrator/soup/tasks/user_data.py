@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from orchestrator.common.errors import UserError
+from orchestrator.common.storage import filesystem
 from orchestrator.soup.tasks.base import Examples, StateDict, Task, TaskData
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -48,19 +49,6 @@ class DataError(UserError):
     pass
 
 
-def _filesystem(path: str):
-    """(pyarrow filesystem, path in it) for a local path or a URI."""
-    import pyarrow.fs as pafs
-
-    if path.startswith("hf://"):  # Hugging Face datasets, when the machine is online
-        from huggingface_hub import HfFileSystem
-
-        return pafs.PyFileSystem(pafs.FSSpecHandler(HfFileSystem())), path[len("hf://"):]
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
 def read_columns(path: str, columns: list[str], key: str) -> dict[str, list]:
     """Named columns of a Parquet or CSV file, or of an image folder (image paths, labels)."""
     import pyarrow.csv as pacsv
@@ -68,8 +56,10 @@ def read_columns(path: str, columns: list[str], key: str) -> dict[str, list]:
     import pyarrow.parquet as pq
 
     try:
-        fs, where = _filesystem(path)
+        fs, where = filesystem(path, f"task.data.{key}", DataError)
         info = fs.get_file_info(where)
+    except DataError:
+        raise
     except Exception as e:  # noqa: BLE001 - any filesystem trouble is the user's path
         raise DataError(f"task.data.{key}: cannot open {path}: {str(e).splitlines()[0]}") from None
     if info.type == pafs.FileType.NotFound:
@@ -122,7 +112,7 @@ def data_fingerprint(data: dict[str, Any]) -> str:
         if not path:
             continue
         try:
-            fs, where = _filesystem(path)
+            fs, where = filesystem(path, "task.data", DataError)
             info = fs.get_file_info(where)
             stats.append([path, info.size, info.mtime_ns if info.type == pafs.FileType.File else None])
         except Exception:  # noqa: BLE001 - unreadable paths are reported by data()
