@@ -3,6 +3,7 @@
     python -m orchestrator.pool show   --pool URI
     python -m orchestrator.pool verify --pool URI   # re-hash every file, exit 1 on problems
     python -m orchestrator.pool sync-mlflow --pool URI --tracking-uri URI  # replay into MLflow
+    python -m orchestrator.pool gc --pool URI [--dry-run]   # remove leftover temp files and orphan weights
 
 The pool itself (layout, rows, atomic writes) is orchestrator/common/pool.py.
 """
@@ -17,7 +18,7 @@ from typing import Iterable
 import pandas as pd
 
 from orchestrator.common import tracking
-from orchestrator.common.cli import run_main
+from orchestrator.common.cli import run_main, show_our_warnings
 from orchestrator.common.pool import Pool, Row
 
 __all__ = ["Pool", "Row", "main"]
@@ -40,9 +41,23 @@ def verify(pool: Pool) -> int:
     problems = pool.verify()
     for p in problems:
         print(p, file=sys.stderr)
-    n = sum(1 for r in pool.table().column("weights").to_pylist() if r)
-    print(f"{pool.uri}: {n - len(problems)}/{n} weights files verified")
+    table = pool.table()
+    n = sum(1 for r in table.column("weights").to_pylist() if r)
+    bad_weights = len(problems) - len(pool.unreadable)
+    print(f"{pool.uri}: {n - bad_weights}/{n} weights files verified; "
+          f"{len(pool.unreadable)} unreadable row file(s) of {table.num_rows + len(pool.unreadable)}")
     return 1 if problems else 0
+
+
+def gc(pool: Pool, dry_run: bool, min_age_s: float) -> int:
+    garbage = pool.garbage(min_age_s)
+    for path in garbage:
+        print(f"{'would remove' if dry_run else 'removing'} {path}")
+    if not dry_run:
+        pool.remove(garbage)
+    print(f"{pool.uri}: {len(garbage)} file(s) {'to remove' if dry_run else 'removed'} "
+          f"(temp files of crashed writers, weights no row references; older than {min_age_s:g} s)")
+    return 0
 
 
 def sync_mlflow(pool: Pool, tracking_uri: str | None) -> int:
@@ -56,14 +71,21 @@ def sync_mlflow(pool: Pool, tracking_uri: str | None) -> int:
 def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orchestrator.pool", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["show", "verify", "sync-mlflow"],
-                        help="show the manifest; re-hash every weights file; or replay the trials and soups "
-                             "MLflow lacks (after the server was unreachable during a sweep)")
+    parser.add_argument("command", choices=["show", "verify", "sync-mlflow", "gc"],
+                        help="show the manifest; re-hash every weights file and read every row (exit 1 on "
+                             "problems); replay the trials and soups MLflow lacks (after the server was "
+                             "unreachable during a sweep); or remove leftover temp files and weights no row "
+                             "references")
     parser.add_argument("--pool", default="pool", help="pool folder or URI (default: ./pool)")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                         help="sync-mlflow: the MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///$PWD/mlflow.db)")
+    parser.add_argument("--dry-run", action="store_true", help="gc: list what would be removed, remove nothing")
+    parser.add_argument("--min-age", type=float, default=3600.0, metavar="SECONDS",
+                        help="gc: only files older than this (default: 3600; a running sweep's newest files are "
+                             "in use)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
+    show_our_warnings()  # an unreadable row is named on stderr
 
     def run() -> int:
         pool = Pool(args.pool)
@@ -72,6 +94,8 @@ def main(argv: Iterable[str] | None = None) -> int:
             return 0
         if args.command == "sync-mlflow":
             return sync_mlflow(pool, args.tracking_uri)
+        if args.command == "gc":
+            return gc(pool, args.dry_run, args.min_age)
         return verify(pool)
 
     return run_main(run, args.debug)

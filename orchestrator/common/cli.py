@@ -75,9 +75,16 @@ def route_library_output(log_dir: str, name: str, verbose: bool) -> str:
     for lib in ("ray", "mlflow", "alembic"):  # they install handlers of their own: send those here too
         logging.getLogger(lib).handlers = []
         logging.getLogger(lib).propagate = True
-    # our own warnings (a skipped ingredient, say) stay on the terminal
-    _replace_ours(logging.getLogger("orchestrator"), [] if verbose else [_terminal_handler()])
+    if verbose:  # the root's terminal handler shows them
+        _replace_ours(logging.getLogger("orchestrator"), [])
+    else:
+        show_our_warnings()
     return path
+
+
+def show_our_warnings() -> None:
+    """Our own warnings (a skipped ingredient, an unreadable pool row) on stderr, as `warning: ...`."""
+    _replace_ours(logging.getLogger("orchestrator"), [_terminal_handler()])
 
 
 def _replace_ours(logger: logging.Logger, handlers: list[logging.Handler]) -> None:

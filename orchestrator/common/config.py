@@ -119,6 +119,15 @@ def check(ok: bool, source: str, where: str, message: str) -> None:
         raise ConfigError(f"{source}: {where}: {message}")
 
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=-]*")
+
+
+def check_name(value: Any, source: str, key: str) -> None:
+    """A sweep or study name: it names folders under --storage, MLflow experiments and pool ids."""
+    check(isinstance(value, str) and NAME.fullmatch(value) is not None and ".." not in value, source, key,
+          f"must be a plain name (letters, digits, '.', '_', '=', '-'; no '/' or '..'), got {value!r}")
+
+
 def is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 

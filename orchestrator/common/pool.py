@@ -23,14 +23,16 @@ import datetime as dt
 import hashlib
 import io
 import json
+import logging
 import re
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from safetensors.torch import load as st_load
@@ -39,6 +41,8 @@ from safetensors.torch import save as st_save
 from orchestrator.common.errors import PoolError
 from orchestrator.common.storage import filesystem
 from orchestrator.common.weights import StateDict
+
+log = logging.getLogger(__name__)
 
 KINDS = ("pretrained", "trial", "soup", "proxy")
 STATUSES = ("ok", "diverged", "failed")
@@ -90,6 +94,7 @@ class Row:
 
 class Pool:
     def __init__(self, uri: str, create: bool = False):
+        self.unreadable: list[str] = []  # row files the last table() could not read
         self.fs, self.root = filesystem(uri, "pool", PoolError)
         self.uri = uri if "://" in uri else self.root  # absolute: trials run in their own folders
         marker = f"{self.root}/pool.json"
@@ -116,7 +121,7 @@ class Pool:
         if isinstance(self.fs, pafs.LocalFileSystem):
             parent, name = path.rsplit("/", 1)
             self.fs.create_dir(parent, recursive=True)
-            tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"  # hidden: the dataset reader skips it
+            tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"  # hidden: readers skip it
             with self.fs.open_output_stream(tmp) as f:
                 f.write(data)
             self.fs.move(tmp, path)
@@ -131,10 +136,13 @@ class Pool:
         return f"{self.root}/manifest/{safe_id(ingredient_id)}.parquet"
 
     def add(self, row: Row, weights: StateDict | None = None) -> dict[str, Any]:
-        """Add one ingredient; returns its row. Adding an id that exists is a no-op."""
+        """Add one ingredient; returns its row. An id that exists keeps its row, except that a
+        finished row supersedes a `failed` one (a trial that failed, then finished after
+        --resume) and an unreadable one (a crash mid-write); an `ok` row is never replaced."""
         ingredient_id = safe_id(row.id)
-        if self.has(ingredient_id):
-            return self.get(ingredient_id)
+        existing = self._readable_row(ingredient_id)
+        if existing is not None and not (existing["status"] == "failed" and row.status != "failed"):
+            return existing
         full = asdict(row)
         full.update(id=ingredient_id, weights="", sha256="", created=dt.datetime.now(dt.timezone.utc))
         for col in JSON_COLUMNS:
@@ -153,11 +161,30 @@ class Pool:
     # -- reading ---------------------------------------------------------------------
 
     def table(self) -> pa.Table:
+        """Every readable row. A row file that cannot be read (0 bytes or truncated: what a
+        crash or a full disk leaves) is skipped with a warning naming it, and listed in
+        `self.unreadable`: one bad file never makes the pool unreadable."""
+        self.unreadable: list[str] = []
         manifest = f"{self.root}/manifest"
         if self.fs.get_file_info(manifest).type != pafs.FileType.Directory:
             return SCHEMA.empty_table()
-        return ds.dataset(manifest, schema=SCHEMA, format="parquet", filesystem=self.fs,
-                          ignore_prefixes=["."]).to_table()  # hidden = being written; "_x" ids are rows
+        paths = sorted(i.path for i in self.fs.get_file_info(pafs.FileSelector(manifest))
+                       if i.type == pafs.FileType.File and not i.base_name.startswith("."))  # hidden: being written
+        with ThreadPoolExecutor(8) as pool:  # object stores answer many small reads at once
+            tables = list(pool.map(self._read_row_file, paths))
+        for path, table in zip(paths, tables):
+            if isinstance(table, str):
+                log.warning("skipping unreadable pool row %s (%s)", path, table)
+                self.unreadable.append(f"{self.uri}: row {path} is unreadable ({table})")
+        return pa.concat_tables([t for t in tables if not isinstance(t, str)] or [SCHEMA.empty_table()])
+
+    def _read_row_file(self, path: str) -> pa.Table | str:
+        """The row file's table, or why it cannot be read."""
+        try:
+            with self.fs.open_input_file(path) as f:
+                return pq.read_table(f, schema=SCHEMA)
+        except (OSError, ValueError, pa.ArrowException) as e:
+            return _first_line(e)
 
     def manifest(self) -> pd.DataFrame:
         """One row per ingredient, oldest first; JSON columns decoded, metrics also as columns."""
@@ -174,7 +201,19 @@ class Pool:
                 row = pq.read_table(f, schema=SCHEMA).to_pylist()[0]
         except FileNotFoundError:
             raise PoolError(f"{self.uri}: no ingredient {ingredient_id!r}") from None
+        except (OSError, ValueError, pa.ArrowException) as e:  # 0 bytes, truncated: a crash mid-write
+            raise PoolError(f"{self.uri}: row {path} is unreadable ({_first_line(e)})") from None
         return self._decode(row)
+
+    def _readable_row(self, ingredient_id: str) -> dict[str, Any] | None:
+        """The row of this id, or None when there is none or it cannot be read."""
+        if not self.has(ingredient_id):
+            return None
+        try:
+            return self.get(ingredient_id)
+        except PoolError as e:
+            log.warning("%s; it will be rewritten", e)
+            return None
 
     @staticmethod
     def _decode(row: dict[str, Any]) -> dict[str, Any]:
@@ -196,9 +235,10 @@ class Pool:
         return st_load(blob)
 
     def verify(self) -> list[str]:
-        """Re-hash every weights file; returns one line per missing or corrupt file."""
-        problems = []
-        for row in self.table().to_pylist():
+        """Re-hash every weights file; returns one line per unreadable row, missing or corrupt file."""
+        rows = self.table().to_pylist()
+        problems = list(self.unreadable)
+        for row in rows:
             if not row["weights"]:
                 continue
             try:
@@ -206,3 +246,27 @@ class Pool:
             except PoolError as e:
                 problems.append(str(e))
         return problems
+
+    def garbage(self, min_age_s: float = 3600.0) -> list[str]:
+        """Files no reader will ever use: temp files a crashed writer left, and weights no row
+        references. Only files older than `min_age_s`: a running sweep writes a trial's
+        weights just before its row, and its temp files are in use."""
+        referenced = {f"{self.root}/{w}" for w in self.table().column("weights").to_pylist() if w}
+        now_ns = time.time_ns()
+        out = []
+        for folder in ("manifest", "weights"):
+            for info in self.fs.get_file_info(pafs.FileSelector(f"{self.root}/{folder}", allow_not_found=True)):
+                if info.type != pafs.FileType.File or (now_ns - (info.mtime_ns or now_ns)) / 1e9 < min_age_s:
+                    continue
+                temp = info.base_name.startswith(".") and info.base_name.endswith(".tmp")
+                if temp or (folder == "weights" and info.path not in referenced):
+                    out.append(info.path)
+        return sorted(out)
+
+    def remove(self, paths: list[str]) -> None:
+        for path in paths:
+            self.fs.delete_file(path)
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

@@ -3,11 +3,13 @@ trials, show their progress one line each, and collect the trials that failed.""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import socket
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -57,13 +59,19 @@ def storage_fs(storage: str) -> tuple[pafs.FileSystem, str]:
     return filesystem(storage, "storage")
 
 
+def run_name(name: str) -> str:
+    """A new run's name, `<name>-<YYYYmmdd-HHMMSS>-<6 hex>`: unique even for two launches
+    in the same second (the Tune run folder under --storage, the MLflow parent run)."""
+    return f"{name}-{dt.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
 def latest_run(storage: str, name: str) -> str | None:
-    """Path (within the storage filesystem) of the newest restorable Tune run named
-    `<name>-<YYYYmmdd-HHMMSS>`, if any."""
+    """Path (within the storage filesystem) of the newest restorable Tune run of `name`
+    (named by run_name; runs named without the random suffix, before it existed, too)."""
     from ray import tune
 
     fs, root = storage_fs(storage)
-    pattern = re.compile(re.escape(f"{name}-") + r"\d{8}-\d{6}")
+    pattern = re.compile(re.escape(f"{name}-") + r"\d{8}-\d{6}(-[0-9a-f]{6})?")
     try:
         found = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     except OSError as e:
@@ -87,7 +95,7 @@ class TuneRun:
     """One invocation's trials on Ray Tune: `fit` a fresh run, or `restore` an interrupted
     one (finished trials stay finished; the others resume from their last checkpoint)."""
 
-    name: str  # the Tune run's name: <sweep>-<YYYYmmdd-HHMMSS>
+    name: str  # the Tune run's name (run_name)
     storage: str  # a folder or a pyarrow URI
     trainable: Any  # tune.with_parameters(...) already applied
     resources: dict[str, float]  # per trial

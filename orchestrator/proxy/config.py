@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from orchestrator.common import config
-from orchestrator.common.config import check, merge
+from orchestrator.common.config import check, check_name, merge
 from orchestrator.common.weights import digest
 from orchestrator.proxy.run import CHOICES, SETTINGS
 
@@ -53,6 +53,7 @@ def validate(raw: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
     raw = dict(raw)
     interventions = raw.pop("interventions", DEFAULTS["interventions"])
     cfg = merge(DEFAULTS, raw, source, free_form=FREE_FORM)
+    check_name(cfg["study"], source, "study")
     check_settings(cfg["settings"], source, "settings.")
     check(isinstance(interventions, dict) and interventions, source, "interventions",
            "expected a mapping of intervention name -> settings it changes")

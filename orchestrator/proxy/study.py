@@ -17,7 +17,6 @@ tables, log CSVs and plots on the parent run).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import re
 import sys
@@ -97,9 +96,9 @@ class LRStudy:
 
     def setup(self) -> None:
         cfg, grid = self.cfg, self.cfg["grid"]
-        self.started = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.run_name = tune.run_name(cfg["study"])
         self.parent = tracking.start_run(
-            self.uri, self.experiment, f"{cfg['study']}-{self.started}",
+            self.uri, self.experiment, self.run_name,
             tracking.run_tags("study", more={tracking.SWEEP: cfg["study"], tracking.POOL: self.pool.uri}),
             params={"pool": self.pool.uri, "skip_train": self.args.skip_train, "preset": self.args.preset,
                     "runs": self.n_runs, **{f"grid.{k}": v for k, v in grid.items()},
@@ -122,7 +121,7 @@ class LRStudy:
                            study_keys={name: run_key(cfg, name) for name in cfg["interventions"]},
                            settings=cfg["settings"], interventions=cfg["interventions"],
                            checkpoint_every=cfg["checkpoint_every"])
-        run = tune.TuneRun(name=f"{cfg['study']}-{self.started}", storage=self.args.storage,
+        run = tune.TuneRun(name=self.run_name, storage=self.args.storage,
                            trainable=ray_tune.with_parameters(run_proxy_trial, ctx=ctx, data=self.data),
                            resources=dict(cfg["resources"]), max_failures=cfg["max_failures"], total=self.n_runs,
                            describe=describe_run)

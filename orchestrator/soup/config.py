@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from orchestrator.common import config
-from orchestrator.common.config import check, check_hparam, is_number, merge
+from orchestrator.common.config import check, check_hparam, check_name, is_number, merge
 from orchestrator.common.errors import ConfigError
 from orchestrator.soup.recipes import RECIPES, all_params, default_recipes
 from orchestrator.soup.tasks import TASKS
@@ -47,6 +47,7 @@ def load_config(path: str | None = None, overrides: list[str] = (), preset: str 
 
 def validate(raw: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
     cfg = merge(defaults(), raw, source, free_form=FREE_FORM)
+    check_name(cfg["sweep"], source, "sweep")
     _check_task(cfg, source)
     for key, low in (("num_samples", 1), ("max_failures", 0), ("max_concurrent_trials", 0)):
         check(cfg[key] >= low, source, key, f"must be >= {low}, got {cfg[key]}")

@@ -16,7 +16,6 @@ publish the dishes to the pool and MLflow; report (plot and summary).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import sys
 import tempfile
@@ -103,9 +102,9 @@ class SoupSweep:
         self.pretrained = (self.pool.get(self.task.pretrained_id()) if args.skip_train
                            else ensure_pretrained(self.pool, self.task, self.data, cfg["sweep"]))
         self.experiment = tracking.experiment_id(self.uri, cfg["sweep"])
-        self.started = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.run_name = tune.run_name(cfg["sweep"])
         self.parent = tracking.start_run(
-            self.uri, self.experiment, f"{cfg['sweep']}-{self.started}",
+            self.uri, self.experiment, self.run_name,
             tracking.run_tags("sweep", more={tracking.SWEEP: cfg["sweep"], tracking.POOL: self.pool.uri}),
             params={"pool": self.pool.uri, "skip_train": args.skip_train, "resumed": self.resume_path or "",
                     "task": self.task.name, "num_samples": cfg["num_samples"], "pretrained_id": self.pretrained["id"]})
@@ -131,7 +130,7 @@ class SoupSweep:
                            task_settings=self.task.model_settings(), pretrained_id=self.pretrained["id"],
                            precision=cfg["precision"], resources=dict(res), storage=args.storage)
         run = tune.TuneRun(
-            name=f"{cfg['sweep']}-{self.started}", storage=args.storage,
+            name=self.run_name, storage=args.storage,
             trainable=ray_tune.with_parameters(run_trial, ctx=ctx, data=self.data),
             # a data-parallel trial only waits on its Ray Train workers, which ask for the resources
             resources={"cpu": res["cpu"], "gpu": res["gpu"]} if res["workers"] == 1 else {"cpu": 0.01},

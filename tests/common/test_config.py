@@ -275,3 +275,23 @@ def test_search_space_constants_pass_through():
     space = search_space({"batch_size": 64, "lr": 3e-4, "epochs": {"randint": [5, 5]}})
     assert space["batch_size"] == 64 and space["lr"] == 3e-4
     assert {int(v) for v in space["epochs"].sample(size=50, random_state=1)} == {5}
+
+
+@pytest.mark.parametrize("name", ["a/b", "../up", "x..y", "", "-flag"])
+def test_a_sweep_or_study_name_that_is_not_a_plain_name_is_an_error(name):
+    from orchestrator.proxy.config import load_config as load_study
+
+    with pytest.raises(ConfigError, match="sweep: must be a plain name"):
+        load_config(None, [f"sweep={name!r}"])
+    with pytest.raises(ConfigError, match="study: must be a plain name"):
+        load_study(None, overrides=[f"study={name!r}"])
+
+
+def test_two_launches_in_the_same_second_get_different_run_names():
+    import re
+
+    from orchestrator.common.tune import run_name
+
+    names = {run_name("glyphs_soup") for _ in range(50)}
+    assert len(names) == 50
+    assert all(re.fullmatch(r"glyphs_soup-\d{8}-\d{6}-[0-9a-f]{6}", n) for n in names)

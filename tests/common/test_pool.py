@@ -229,6 +229,58 @@ def test_corrupt_weights_are_reported(pool):
     assert bitwise_equal(pool.load("trial-1"), weights(1))  # the others are fine
 
 
+def test_unreadable_rows_are_skipped_with_a_warning_and_fail_verify(pool, caplog):
+    """What a crash or a full disk leaves: a 0-byte row file and a truncated one."""
+    for i in (1, 2, 3):
+        pool.add(row(i), weights(i))
+    manifest = os.path.join(pool.root, "manifest")
+    open(os.path.join(manifest, "trial-2.parquet"), "wb").close()
+    with open(os.path.join(manifest, "trial-3.parquet"), "r+b") as f:
+        f.truncate(os.path.getsize(f.name) // 2)
+    df = pool.manifest()
+    assert list(df["id"]) == ["trial-1"]  # the rest of the pool still reads
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 2 and all("skipping unreadable pool row" in w for w in warned)
+    assert any("trial-2.parquet" in w for w in warned) and any("trial-3.parquet" in w for w in warned)
+    problems = pool.verify()
+    assert sorted(p.split("/")[-1].split()[0] for p in problems) == ["trial-2.parquet", "trial-3.parquet"]
+    with pytest.raises(PoolError, match="trial-2.parquet is unreadable"):
+        pool.get("trial-2")
+
+
+def test_an_unreadable_row_is_rewritten_by_the_next_add(pool):
+    pool.add(row(1), weights(1))
+    open(os.path.join(pool.root, "manifest", "trial-1.parquet"), "wb").close()
+    pool.add(row(1), weights(1))
+    assert pool.get("trial-1")["status"] == "ok" and pool.verify() == []
+
+
+def test_a_finished_row_supersedes_a_failed_one_and_ok_is_never_replaced(pool):
+    pool.add(failed("trial-1"))  # the driver's row for a trial that failed after its retries
+    pool.add(row(1), weights(1))  # ... which then finished after --resume
+    assert pool.get("trial-1")["status"] == "ok" and bitwise_equal(pool.load("trial-1"), weights(1))
+    pool.add(failed("trial-1"))
+    pool.add(row(1, metrics={"val_acc": 0.1}), weights(7))
+    kept = pool.get("trial-1")
+    assert kept["status"] == "ok" and kept["metrics"]["val_acc"] == 0.5
+    assert bitwise_equal(pool.load("trial-1"), weights(1)) and len(pool.manifest()) == 1
+
+
+def test_gc_finds_leftover_temp_files_and_unreferenced_weights(pool):
+    pool.add(row(1), weights(1))
+    orphan = os.path.join(pool.root, "weights", "gone.safetensors")
+    temp = os.path.join(pool.root, "manifest", ".trial-2.parquet.0123abcd.tmp")
+    for path in (orphan, temp):
+        with open(path, "wb") as f:
+            f.write(b"left behind")
+    assert pool.garbage() == []  # younger than the default hour: maybe a running sweep's
+    assert pool.garbage(min_age_s=0) == sorted([temp, orphan])
+    pool.remove(pool.garbage(min_age_s=0))
+    assert not os.path.exists(orphan) and not os.path.exists(temp)
+    assert pool.garbage(min_age_s=0) == [] and pool.verify() == []
+    assert bitwise_equal(pool.load("trial-1"), weights(1))
+
+
 def test_missing_weights_are_reported(pool):
     pool.add(row(1), weights(1))
     pool.add(row(2), weights(2))
@@ -320,12 +372,20 @@ def cli(tmp_path_factory):
         p.add(failed("trial-3"))
     with open(os.path.join(bad, "weights", "trial-2.safetensors"), "ab") as f:
         f.write(b"junk")
+    unreadable, leftovers = str(base / "unreadable"), str(base / "leftovers")
+    for root in (unreadable, leftovers):
+        Pool(root, create=True).add(row(1), weights(1))
+    open(os.path.join(unreadable, "manifest", "trial-2.parquet"), "wb").close()
+    with open(os.path.join(leftovers, "weights", "orphan.safetensors"), "wb") as f:
+        f.write(b"x")
     cases = {
         "verify_good": ("verify", "--pool", good),
         "show_good": ("show", "--pool", good),
         "verify_bad": ("verify", "--pool", bad),
         "show_missing": ("show", "--pool", str(base / "nowhere")),
         "show_file": ("show", "--pool", str(base / "good" / "pool.json")),
+        "verify_unreadable": ("verify", "--pool", unreadable),
+        "gc_dry": ("gc", "--pool", leftovers, "--dry-run", "--min-age", "0"),
     }
     procs = {name: _start_cli(*args) for name, args in cases.items()}
     results = {}
@@ -373,3 +433,17 @@ def test_cli_show_on_a_file_says_it_is_a_file(cli):
     res = cli["show_file"]
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [f"error: {res.args[-1]}: is a file, not a pool folder"]
+
+
+def test_cli_verify_names_an_unreadable_row_and_exits_1(cli):
+    res = cli["verify_unreadable"]
+    assert res.returncode == 1
+    assert "trial-2.parquet is unreadable" in res.stderr
+    assert "1/1 weights files verified; 1 unreadable row file(s) of 2" in res.stdout
+
+
+def test_cli_gc_dry_run_lists_and_removes_nothing(cli):
+    res = cli["gc_dry"]
+    assert res.returncode == 0, res.stderr
+    assert "would remove" in res.stdout and "orphan.safetensors" in res.stdout and "1 file(s) to remove" in res.stdout
+    assert os.path.exists(res.args[res.args.index("--pool") + 1] + "/weights/orphan.safetensors")
