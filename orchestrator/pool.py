@@ -24,14 +24,21 @@ from orchestrator.common.pool import Pool, Row
 __all__ = ["Pool", "Row", "main"]
 
 
-def show(pool: Pool) -> None:
+def show(pool: Pool, sweep: str | None = None, start_point: str | None = None) -> None:
+    """The manifest as a table, optionally only one sweep's rows and those of one start point
+    (its pretrained row and the trials that started from it)."""
     df = pool.manifest()
+    if sweep and len(df):
+        df = df[df["sweep"] == sweep]
+    if start_point and len(df):
+        df = df[(df["id"] == start_point) | df["parents"].map(lambda p: len(p) > 0 and p[0] == start_point)]
     if df.empty:
-        print(f"{pool.uri}: empty pool")
+        print(f"{pool.uri}: no rows" + (" match" if sweep or start_point else ""))
         return
     cols = ["id", "kind", "status", "sweep"] + [c for c in ("val_acc", "id_acc", "ood_acc") if c in df]
     view = df[cols].copy()
     view["parents"] = df["parents"].map(len)
+    view["start point"] = [p[0] if k == "trial" and len(p) else "" for k, p in zip(df["kind"], df["parents"])]
     with pd.option_context("display.max_rows", None, "display.width", 200, "display.float_format", "{:.4f}".format):
         print(view.to_string(index=False))
     print(f"\n{len(df)} ingredients: " + ", ".join(f"{n} {k}" for k, n in df["kind"].value_counts().items()))
@@ -79,6 +86,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--pool", default="pool", help="pool folder or URI (default: ./pool)")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                         help="sync-mlflow: the MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///$PWD/mlflow.db)")
+    parser.add_argument("--sweep", help="show: only this sweep's rows")
+    parser.add_argument("--start-point", metavar="ID",
+                        help="show: only this pretrained ingredient and the trials that started from it")
     parser.add_argument("--dry-run", action="store_true", help="gc: list what would be removed, remove nothing")
     parser.add_argument("--min-age", type=float, default=3600.0, metavar="SECONDS",
                         help="gc: only files older than this (default: 3600; a running sweep's newest files are "
@@ -90,7 +100,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     def run() -> int:
         pool = Pool(args.pool)
         if args.command == "show":
-            show(pool)
+            show(pool, args.sweep, args.start_point)
             return 0
         if args.command == "sync-mlflow":
             return sync_mlflow(pool, args.tracking_uri)

@@ -57,7 +57,8 @@ SCHEMA = pa.schema([
     ("hparams", pa.string()),  # JSON
     ("metrics", pa.string()),  # JSON: accuracy on every eval set, val_acc, id_acc, ood_acc
     ("history", pa.string()),  # JSON: per-epoch metrics (lets MLflow be replayed from the pool)
-    ("parents", pa.list_(pa.string())),  # ingredient ids a soup was cooked from
+    ("parents", pa.list_(pa.string())),  # ingredient ids it was made from (a trial: its start point)
+    ("data_key", pa.string()),  # what defined its training data and held-out split (null in older pools)
     ("weights", pa.string()),  # path relative to the pool root; "" when there are none
     ("sha256", pa.string()),
     ("mlflow_run_id", pa.string()),
@@ -83,7 +84,8 @@ class Row:
     hparams: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
-    parents: list[str] = field(default_factory=list)  # ingredient ids it was made from
+    parents: list[str] = field(default_factory=list)  # ingredient ids it was made from; a trial: [start point]
+    data_key: str = ""  # a trial: Task.data_key(), what defined its training data and held-out split
     arch: str = ""  # weights.arch_fingerprint of its weights
     mlflow_run_id: str = ""
 

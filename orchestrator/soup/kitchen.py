@@ -8,6 +8,7 @@ MLflow happens in soup/publish.py.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,7 +60,7 @@ class Kitchen:
         if sweep is not None:
             trials = trials[trials["sweep"] == sweep]
         usable, seen = [], {}
-        for row in trials.to_dict("records"):
+        for row in self.compatible(trials.to_dict("records")):
             if row["sha256"] and row["sha256"] in seen:  # e.g. the same sweep run twice: same seeds, same weights
                 log.warning("skipping ingredient %s: same weights as %s", row["id"], seen[row["sha256"]])
                 continue
@@ -73,6 +74,24 @@ class Kitchen:
                 usable.append(row)
         self.ingredients = sorted(usable, key=lambda r: (-r["metrics"]["val_acc"], r["id"]))
         self._loadable = None
+
+    def compatible(self, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The trials that started from these pretrained weights and trained on this data and
+        held-out split. Any other would be averaged with weights of another start, or ranked on
+        a split it trained on; they are left out with one line per sweep and reason."""
+        kept, left = [], Counter()
+        for row in trials:
+            start = row["parents"][0] if len(row["parents"]) else "none"
+            if start != self.pretrained["id"]:
+                left[row["sweep"], f"other start point {start}"] += 1
+            elif (row.get("data_key") or "") != self.task.data_key():
+                left[row["sweep"], "other training data or held-out split" if row.get("data_key")
+                     else "no data key recorded (an older pool)"] += 1
+            else:
+                kept.append(row)
+        for (sweep, why), n in sorted(left.items()):
+            log.warning("left out %d trial(s) of sweep %s: %s", n, sweep, why)
+        return kept
 
     def loadable(self) -> list[dict[str, Any]]:
         """Ingredients whose weights verify; a missing or corrupt file is skipped with a warning."""

@@ -128,6 +128,7 @@ class SoupSweep:
                            experiment_id=self.experiment, parent_run_id=self.parent,
                            cpus_per_trial=int(max(1, res["cpu"])), task_name=self.task.name,
                            task_settings=self.task.model_settings(), pretrained_id=self.pretrained["id"],
+                           data_key=self.task.data_key(),
                            precision=cfg["precision"], resources=dict(res), storage=args.storage)
         run = tune.TuneRun(
             name=self.run_name, storage=args.storage,
@@ -147,7 +148,7 @@ class SoupSweep:
             print(f"trial {failed.trial_id} failed after {cfg['max_failures']} retries: {failed.error}",
                   file=sys.stderr)
             self.pool.add(Row(id=failed.trial_id, kind="trial", sweep=cfg["sweep"], task=self.task.name,
-                              status="failed", parents=[self.pretrained["id"]]))
+                              status="failed", parents=[self.pretrained["id"]], data_key=self.task.data_key()))
         added, _ = tracking.replay_pool(self.pool, self.uri, sweep=cfg["sweep"], parent=self.parent)
         if added:  # trials that could not reach MLflow (e.g. a server bound to the head's 127.0.0.1)
             print(f"MLflow: logged {added} trial(s) from the pool that could not log themselves")

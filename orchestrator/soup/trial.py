@@ -26,7 +26,8 @@ class SweepContext(TrialContext):
 
     task_name: str = ""
     task_settings: dict[str, Any] = field(default_factory=dict)
-    pretrained_id: str = ""
+    pretrained_id: str = ""  # the start point
+    data_key: str = ""  # Task.data_key(): the training data and held-out split
     precision: str = "auto"
     resources: dict[str, Any] = field(default_factory=lambda: {"cpu": 1, "gpu": 0, "workers": 1})
     storage: str = ""  # Tune storage; data-parallel trials keep their Ray Train runs under it
@@ -98,7 +99,8 @@ def fine_tune(hp: dict[str, Any], ctx: SweepContext, data: TaskData, trial: Tria
 
     def row(status: str, metrics: dict[str, float], arch: str) -> Row:
         return Row(id=trial.id, kind="trial", sweep=ctx.sweep, task=task.name, status=status, hparams=run.hp,
-                   metrics=metrics, history=run.history, parents=[ctx.pretrained_id], arch=arch)
+                   metrics=metrics, history=run.history, parents=[ctx.pretrained_id], data_key=ctx.data_key,
+                   arch=arch)
 
     while not run.done:
         t0 = time.time()

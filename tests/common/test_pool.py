@@ -386,6 +386,7 @@ def cli(tmp_path_factory):
         "show_file": ("show", "--pool", str(base / "good" / "pool.json")),
         "verify_unreadable": ("verify", "--pool", unreadable),
         "gc_dry": ("gc", "--pool", leftovers, "--dry-run", "--min-age", "0"),
+        "show_start": ("show", "--pool", good, "--start-point", "pretrained-glyphs-x", "--sweep", "s1"),
     }
     procs = {name: _start_cli(*args) for name, args in cases.items()}
     results = {}
@@ -447,3 +448,10 @@ def test_cli_gc_dry_run_lists_and_removes_nothing(cli):
     assert res.returncode == 0, res.stderr
     assert "would remove" in res.stdout and "orphan.safetensors" in res.stdout and "1 file(s) to remove" in res.stdout
     assert os.path.exists(res.args[res.args.index("--pool") + 1] + "/weights/orphan.safetensors")
+
+
+def test_cli_show_filters_by_start_point_and_sweep(cli):
+    res = cli["show_start"]
+    assert res.returncode == 0, res.stderr
+    assert "trial-1" in res.stdout and "trial-2" in res.stdout and "trial-3" not in res.stdout  # no start point
+    assert "2 ingredients" in res.stdout and "pretrained-glyphs-x" in res.stdout

@@ -69,7 +69,8 @@ def tiny_pool(tmp_path, trials):
         other = make_task(load_config(None, [*TINY_TASK, f"task.width={width}"]))
         weights = cpu_state(other.build_model())
         pool.add(Row(id=trial_id, kind="trial", sweep="glyphs_soup", task=task.name, status="ok",
-                     arch=arch_fingerprint(weights), metrics={"val_acc": 0.5 + i / 10}), weights)
+                     arch=arch_fingerprint(weights), metrics={"val_acc": 0.5 + i / 10},
+                     parents=[task.pretrained_id()], data_key=task.data_key()), weights)
     return pool, task
 
 
@@ -97,6 +98,32 @@ def test_a_pool_of_only_other_architectures_is_a_clear_error(tmp_path, capsys, c
     skipped = sorted(r.getMessage().split(":")[0] for r in caplog.records if r.levelname == "WARNING")
     assert skipped == ["skipping ingredient narrow-b", "skipping ingredient wide-a"]  # one warning each
     assert not os.path.exists(tmp_path / "m.db")  # refused before MLflow was touched
+
+
+def test_only_trials_of_this_start_point_and_split_are_cooked(tmp_path, caplog):
+    """One sweep name, four trials: two from these pretrained weights and this split, one
+    on another held-out split, one from other starting weights (another pretrain_seed, say)."""
+    from orchestrator.common.pool import Row
+    from orchestrator.soup.config import load_config, make_task
+    from orchestrator.soup.kitchen import Kitchen
+    from tests.helpers import TINY_TASK
+
+    pool, task = tiny_pool(tmp_path, {"same-a": 8, "same-b": 8})
+    other_split = make_task(load_config(None, [*TINY_TASK, "task.split_seed=1"]))
+    assert other_split.pretrained_id() == task.pretrained_id() and other_split.data_key() != task.data_key()
+    weights = pool.load("same-a")
+    for trial_id, parent, key in (("split-1", task.pretrained_id(), other_split.data_key()),
+                                  ("elsewhere", "pretrained-glyphs-other", task.data_key())):
+        pool.add(Row(id=trial_id, kind="trial", sweep="glyphs_soup", task=task.name, status="ok",
+                     arch=pool.get("same-a")["arch"], metrics={"val_acc": 0.99}, parents=[parent],
+                     data_key=key), weights)
+    settings = {"precision": "auto", "bn_batches": 8}
+    kitchen = Kitchen(pool, task, data=None, sweep="glyphs_soup", settings=settings)
+    assert sorted(r["id"] for r in kitchen.ingredients) == ["same-a", "same-b"]
+    warned = sorted(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert warned == ["left out 1 trial(s) of sweep glyphs_soup: other start point pretrained-glyphs-other",
+                      "left out 1 trial(s) of sweep glyphs_soup: other training data or held-out split"]
+    assert [r["id"] for r in Kitchen(pool, other_split, None, "glyphs_soup", settings).ingredients] == ["split-1"]
 
 
 def test_corrupt_and_missing_weights_are_never_souped(tmp_path, caplog):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from orchestrator.common.weights import StateDict
+from orchestrator.common.weights import StateDict, digest
 
 
 Inputs = Union[torch.Tensor, dict[str, torch.Tensor]]  # a batch: one tensor, or named tensors (token ids, masks)
@@ -128,6 +128,12 @@ class Task(ABC):
         raise NotImplementedError(f"task {self.name} cannot serve raw inputs")
 
     pretrain_settings: ClassVar[tuple[str, ...]] = ()
+    split_settings: ClassVar[tuple[str, ...]] = ()  # settings that define the training data and held-out split
+
+    def data_key(self) -> str:
+        """Hash of what defines the training data and the held-out split. Trials of another key
+        trained on other data or are ranked on another held-out set: they never share a soup."""
+        return digest(self.name, {k: self.settings[k] for k in self.split_settings})
 
     def pretrained_id(self) -> str:
         """The pool id of this task's pretrained weights (cached per pretraining settings)."""

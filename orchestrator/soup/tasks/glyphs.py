@@ -138,6 +138,7 @@ class GlyphsTask(Task):
     }
     pretrain_settings = ("width", "held_out_fonts", "pretrain_per_glyph", "pretrain_epochs",
                          "pretrain_lr", "pretrain_seed")
+    split_settings = ("split_seed", "val_fraction", "test_fraction")
 
     def __init__(self, settings=None):
         super().__init__(settings)

@@ -28,6 +28,7 @@ from torch import nn
 
 from orchestrator.common.errors import UserError
 from orchestrator.common.storage import filesystem
+from orchestrator.common.weights import digest
 from orchestrator.soup.tasks.base import Examples, StateDict, Task, TaskData
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -220,6 +221,11 @@ class FileTask(Task):
             evals[name] = self.examples(*sets[f"evals.{name}"])
         ood = [n for n in d["evals"] if n != d["id_test"]]
         return TaskData(train=self.examples(*train), evals=evals, val="val", id_test=d["id_test"], ood=ood)
+
+    def data_key(self) -> str:
+        """The data settings (files, columns, labels, val_fraction, split_seed) and each file's
+        size and modification time."""
+        return digest(self.name, self.settings["data"], data_fingerprint(self.settings["data"]))
 
     def pretrain_key(self) -> str:
         keyed = {k: self.settings[k] for k in self.pretrain_settings}
