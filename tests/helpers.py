@@ -64,3 +64,8 @@ def finish(proc, root, log="sweep.log", timeout=300) -> tuple[int, str]:
 def trial_rows(pool_uri):
     df = Pool(pool_uri).manifest()
     return df[df["kind"] == "trial"]
+
+
+def weights_file(pool_root, ingredient_id: str) -> str:
+    """The path of an ingredient's weights file (named by its content)."""
+    return os.path.join(str(pool_root), Pool(str(pool_root)).get(ingredient_id)["weights"])

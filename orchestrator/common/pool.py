@@ -3,15 +3,19 @@
 Layout under the pool root (a local folder or a URI such as s3://bucket/pool):
 
     pool.json                      marker: this folder is a pool
-    weights/<id>.safetensors       one file per ingredient (never pickle)
-    manifest/<id>.parquet          one manifest row per ingredient (a Parquet dataset)
+    weights/<sha256>.safetensors   weights, named by their content (never pickle)
+    manifest/<id>.parquet          one manifest row per ingredient, each file read on its own
 
-The manifest is append-only and keyed by ingredient id: each row is its own Parquet
-file named after its id, so concurrent writers never touch the same file, a
-retried writer cannot add a second row for the same id, and readers see whole rows
-only (files are written under a hidden name and renamed into place on local disks;
-object stores publish an object atomically). A row is written after its weights,
-so every row's file exists unless something outside the pool removed it.
+The manifest is keyed by ingredient id: each row is its own Parquet file named after
+its id. Weights are content-addressed, so two writers of one id can never leave a row
+whose hash describes the other writer's file: same bytes, same name. A row is created
+exclusively: on a local disk it is written to a hidden temp file, flushed and fsynced,
+then hard-linked into place (which fails if the row exists: the first writer wins) and
+the folder fsynced; on object stores it is one PUT (atomic, but pyarrow offers no
+conditional create, so the last of two simultaneous writers wins there). A row is
+written after its weights, so every row's file exists unless something outside the
+pool removed it. Rows written before weights were content-addressed keep their
+weights/<id>.safetensors path: each row names its own file.
 
 Rows are `Row` objects: the one place a row's fields and their defaults are spelled out.
 The command line over a pool is `python -m orchestrator.pool` (orchestrator/pool.py).
@@ -24,6 +28,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -118,18 +123,36 @@ class Pool:
 
     # -- writing ---------------------------------------------------------------------
 
-    def _write(self, path: str, data: bytes) -> None:
-        """Publish a whole file: readers see all of it or nothing."""
-        if isinstance(self.fs, pafs.LocalFileSystem):
-            parent, name = path.rsplit("/", 1)
-            self.fs.create_dir(parent, recursive=True)
-            tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"  # hidden: readers skip it
-            with self.fs.open_output_stream(tmp) as f:
-                f.write(data)
-            self.fs.move(tmp, path)
-        else:
+    def _write(self, path: str, data: bytes, exclusive: bool = False) -> bool:
+        """Publish a whole file: readers see all of it or nothing. `exclusive`: only if no
+        file is there yet (local disks); returns False when another writer was first."""
+        if not isinstance(self.fs, pafs.LocalFileSystem):
             with self.fs.open_output_stream(path) as f:  # one PUT: atomic on object stores
                 f.write(data)
+            return True
+        parent, name = path.rsplit("/", 1)
+        os.makedirs(parent, exist_ok=True)
+        tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"  # hidden: readers skip it
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        try:
+            if exclusive:
+                os.link(tmp, path)  # fails if the file exists
+            else:
+                os.replace(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        folder = os.open(parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)  # ... and the new name survives a crash too
+        finally:
+            os.close(folder)
+        return True
 
     def has(self, ingredient_id: str) -> bool:
         return self.fs.get_file_info(self._row_path(ingredient_id)).type == pafs.FileType.File
@@ -151,13 +174,17 @@ class Pool:
             full[col] = json.dumps(full[col], sort_keys=True)
         if weights is not None:
             blob = st_save(weights)
-            full["weights"] = f"weights/{ingredient_id}.safetensors"
             full["sha256"] = hashlib.sha256(blob).hexdigest()
-            self._write(f"{self.root}/{full['weights']}", blob)
-        table = pa.Table.from_pylist([full], schema=SCHEMA)
+            full["weights"] = f"weights/{full['sha256']}.safetensors"
+            path = f"{self.root}/{full['weights']}"
+            if self.fs.get_file_info(path).type != pafs.FileType.File:  # the same name holds the same bytes
+                self._write(path, blob)
         buf = io.BytesIO()
-        pq.write_table(table, buf)
-        self._write(self._row_path(ingredient_id), buf.getvalue())
+        pq.write_table(pa.Table.from_pylist([full], schema=SCHEMA), buf)
+        # a new id is created exclusively; only a failed or unreadable row is replaced
+        replace = self.has(ingredient_id)
+        if not self._write(self._row_path(ingredient_id), buf.getvalue(), exclusive=not replace):
+            return self.get(ingredient_id)  # another writer of this id was first: its row stands
         return self._decode(full)
 
     # -- reading ---------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 
 from orchestrator.common.errors import PoolError
 from orchestrator.common.pool import Pool, Row
-from tests.helpers import REPO
+from tests.helpers import REPO, weights_file
 
 
 
@@ -90,8 +90,8 @@ def test_create_makes_a_marked_pool(tmp_path):
 def test_round_trip_is_bitwise(pool):
     saved = weights(3)
     added = pool.add(row(3), saved)
-    assert added["weights"] == "weights/trial-3.safetensors"
     assert len(added["sha256"]) == 64
+    assert added["weights"] == f"weights/{added['sha256']}.safetensors"  # named by its content
     assert pool.has("trial-3")
     loaded = pool.load("trial-3")
     assert bitwise_equal(saved, loaded)
@@ -213,13 +213,38 @@ def test_4_processes_appending_lose_no_rows(pool):
     assert bitwise_equal(pool.load("trial-302"), weights(302))
 
 
+def _contested_writer(root: str, seed: int, rounds: int, barrier) -> None:
+    p = Pool(root)
+    for r in range(rounds):
+        barrier.wait()  # every round, both processes add the same new id with different bytes
+        p.add(row(f"contested-{r}", metrics={"val_acc": seed / 10}), weights(seed))
+
+
+def test_two_processes_writing_one_id_leave_a_row_that_describes_its_own_file(pool):
+    ctx = multiprocessing.get_context("spawn")
+    barrier, rounds = ctx.Barrier(2), 10
+    procs = [ctx.Process(target=_contested_writer, args=(pool.root, seed, rounds, barrier)) for seed in (1, 2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    df = pool.manifest()
+    assert sorted(df["id"]) == sorted(f"trial-contested-{r}" for r in range(rounds))  # one row each
+    assert pool.verify() == []  # every row's sha256 is its own file's
+    for r in df.to_dict("records"):  # and the row's metrics belong to the weights it names
+        winner = round(r["metrics"]["val_acc"] * 10)
+        assert bitwise_equal(pool.load(r["id"]), weights(winner))
+    assert_no_stray_files(pool.root)
+
+
 # -- damage --------------------------------------------------------------------------------
 
 
 def test_corrupt_weights_are_reported(pool):
     pool.add(row(1), weights(1))
     pool.add(row(2), weights(2))
-    with open(os.path.join(pool.root, "weights", "trial-2.safetensors"), "ab") as f:
+    with open(weights_file(pool.root, "trial-2"), "ab") as f:
         f.write(b"\x00garbage")
     problems = pool.verify()
     assert len(problems) == 1
@@ -284,7 +309,7 @@ def test_gc_finds_leftover_temp_files_and_unreferenced_weights(pool):
 def test_missing_weights_are_reported(pool):
     pool.add(row(1), weights(1))
     pool.add(row(2), weights(2))
-    os.remove(os.path.join(pool.root, "weights", "trial-1.safetensors"))
+    os.remove(weights_file(pool.root, "trial-1"))
     problems = pool.verify()
     assert len(problems) == 1
     assert "trial-1" in problems[0] and "missing" in problems[0]
@@ -370,7 +395,7 @@ def cli(tmp_path_factory):
         p.add(row(1, metrics={"val_acc": 0.75, "id_acc": 0.5, "ood_acc": 0.25}), weights(1))
         p.add(row(2), weights(2))
         p.add(failed("trial-3"))
-    with open(os.path.join(bad, "weights", "trial-2.safetensors"), "ab") as f:
+    with open(weights_file(bad, "trial-2"), "ab") as f:
         f.write(b"junk")
     unreadable, leftovers = str(base / "unreadable"), str(base / "leftovers")
     for root in (unreadable, leftovers):

@@ -130,9 +130,12 @@ def test_corrupt_and_missing_weights_are_never_souped(tmp_path, caplog):
     from orchestrator.soup.kitchen import Kitchen
 
     pool, task = tiny_pool(tmp_path, {"ok-a": 8, "corrupt-b": 8, "missing-c": 8})
-    blob = tmp_path / "pool" / "weights" / "corrupt-b.safetensors"
-    blob.write_bytes(blob.read_bytes()[:-4] + b"\0\0\0\0")
-    os.remove(tmp_path / "pool" / "weights" / "missing-c.safetensors")
+    from tests.helpers import weights_file
+
+    with open(weights_file(tmp_path / "pool", "corrupt-b"), "r+b") as blob:
+        blob.seek(-4, os.SEEK_END)
+        blob.write(b"\0\0\0\0")
+    os.remove(weights_file(tmp_path / "pool", "missing-c"))
     kitchen = Kitchen(pool, task, data=None, sweep="glyphs_soup", settings={"precision": "auto", "bn_batches": 8})
     assert [r["id"] for r in kitchen.loadable()] == ["ok-a"]
     warnings = sorted(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
