@@ -290,7 +290,7 @@ def build_ingredients(task, data, init, space, n: int, threads: int, pretrained_
         weights = run.weights()
         out.append((Row(id=f"{SWEEP}-{i:03d}", kind="trial", sweep=SWEEP, task=task.name, status="ok",
                         hparams=run.hp, metrics=metrics, history=[{"epoch": 1, **metrics}],
-                        parents=[pretrained_id], arch=arch_fingerprint(weights)), weights))
+                        parents=[pretrained_id], data_key=task.data_key(), arch=arch_fingerprint(weights)), weights))
     return out
 
 
