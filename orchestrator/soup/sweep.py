@@ -44,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_common_flags(p, default_pool="pool")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--skip-train", action="store_true", help="cook and evaluate soups from the existing pool only")
+    p.add_argument("--retrain", action="store_true",
+                   help="train every trial, even those the pool already holds from an earlier run of this sweep "
+                        "(same start point, data and hyperparameters, seed included), which are reused by default")
     mode.add_argument("--resume", action="store_true",
                       help="continue this sweep's newest interrupted Tune run under --storage (Tuner.restore): "
                            "finished trials are kept, unfinished ones resume from their last epoch checkpoint")
@@ -128,7 +131,7 @@ class SoupSweep:
                            experiment_id=self.experiment, parent_run_id=self.parent,
                            cpus_per_trial=int(max(1, res["cpu"])), task_name=self.task.name,
                            task_settings=self.task.model_settings(), pretrained_id=self.pretrained["id"],
-                           data_key=self.task.data_key(),
+                           data_key=self.task.data_key(), reusable={} if args.retrain else self.reusable_trials(),
                            precision=cfg["precision"], resources=dict(res), storage=args.storage)
         run = tune.TuneRun(
             name=self.run_name, storage=args.storage,
@@ -144,6 +147,10 @@ class SoupSweep:
                 # the cap goes on the generator: Tune ignores max_concurrent_trials with an explicit one
                 search_alg=BasicVariantGenerator(random_state=cfg["search_seed"],
                                                  max_concurrent=cfg["max_concurrent_trials"])))
+        reused = sum(1 for r in self.results if (r.metrics or {}).get("reused"))
+        if reused:
+            print(f"reused {reused} of {len(self.results)} trials from the pool (an earlier run of this sweep "
+                  "trained them: same start point, data and hyperparameters); --retrain trains them again")
         for failed in tune.failed_trials(self.results):
             print(f"trial {failed.trial_id} failed after {cfg['max_failures']} retries: {failed.error}",
                   file=sys.stderr)
@@ -152,6 +159,18 @@ class SoupSweep:
         added, _ = tracking.replay_pool(self.pool, self.uri, sweep=cfg["sweep"], parent=self.parent)
         if added:  # trials that could not reach MLflow (e.g. a server bound to the head's 127.0.0.1)
             print(f"MLflow: logged {added} trial(s) from the pool that could not log themselves")
+
+    def reusable_trials(self) -> dict[str, str]:
+        """This sweep's finished trials in the pool, by definition (start point, data, hyperparameters)."""
+        from orchestrator.soup.trial import trial_definition
+
+        df = self.pool.manifest()
+        if df.empty:
+            return {}
+        start, key = self.pretrained["id"], self.task.data_key()
+        mine = df[(df["kind"] == "trial") & (df["status"] == "ok") & (df["sweep"] == self.cfg["sweep"])]
+        return {trial_definition(start, key, r["hparams"]): r["id"] for r in mine.to_dict("records")
+                if len(r["parents"]) and r["parents"][0] == start and r.get("data_key") == key}
 
     def make_kitchen(self) -> Kitchen:
         self.kitchen = Kitchen(self.pool, self.task, self.data, sweep=self.cfg["sweep"],
@@ -221,6 +240,8 @@ class SoupSweep:
 
 def describe_trial(config: dict, result: dict) -> str:
     """The progress line of a finished trial."""
+    if result.get("reused"):
+        return f"lr {config.get('lr', float('nan')):.2e} epochs {config.get('epochs', '?')}: reused {result['ingredient_id']}"
     if result.get("diverged"):
         outcome = "DIVERGED"
     elif "val_acc" in result:

@@ -14,10 +14,10 @@ import torch
 from orchestrator.common.pool import Row
 from orchestrator.common.trial import Reporter, Trial, TrialContext, maybe_crash
 from orchestrator.common.tune import storage_fs
-from orchestrator.common.weights import arch_fingerprint
+from orchestrator.common.weights import arch_fingerprint, digest
 from orchestrator.soup.tasks import TASKS
 from orchestrator.soup.tasks.base import TaskData
-from orchestrator.soup.train import FineTune, evaluate
+from orchestrator.soup.train import HPARAMS, FineTune, evaluate
 
 
 @dataclass
@@ -31,6 +31,14 @@ class SweepContext(TrialContext):
     precision: str = "auto"
     resources: dict[str, Any] = field(default_factory=lambda: {"cpu": 1, "gpu": 0, "workers": 1})
     storage: str = ""  # Tune storage; data-parallel trials keep their Ray Train runs under it
+    reusable: dict[str, str] = field(default_factory=dict)  # trial_definition -> id of an ok trial in the pool
+
+
+def trial_definition(start_point: str, data_key: str, hp: dict[str, Any]) -> str:
+    """What defines a trial's result: its start point, its data and held-out split, and every
+    hyperparameter (defaults filled in, seed included). Equal definitions train equal weights."""
+    full = {k: v.item() if hasattr(v, "item") else v for k, v in {**HPARAMS, **hp}.items()}  # numpy -> Python
+    return digest(start_point, data_key, full)
 
 
 def run_trial(hp: dict[str, Any], ctx: SweepContext, data: TaskData) -> None:
@@ -41,6 +49,10 @@ def run_trial(hp: dict[str, Any], ctx: SweepContext, data: TaskData) -> None:
     done = trial.published()
     if done:  # nothing to redo: report what it got
         tune.report({"val_acc": 0.0, **done["metrics"], "ingredient_id": trial_id})
+        return
+    same = ctx.reusable.get(trial_definition(ctx.pretrained_id, ctx.data_key, hp))
+    if same:  # the pool holds this very trial from an earlier run of the sweep: use that one
+        tune.report({"val_acc": 0.0, **trial.pool.get(same)["metrics"], "ingredient_id": same, "reused": 1.0})
         return
     if ctx.resources["workers"] > 1:
         run_data_parallel(hp, ctx, data, trial_id)

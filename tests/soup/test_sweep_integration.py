@@ -150,6 +150,18 @@ def test_logged_config_round_trips_through_config_flag(swept, tmp_path):
     assert load_config(path) == expected
 
 
+def test_running_the_sweep_again_reuses_its_trials(swept, capsys):
+    root, uri, args = swept
+    before = Pool(str(root / "pool")).manifest()
+    assert soup_sweep.main(args) == 0
+    out = capsys.readouterr().out
+    assert "reused 3 of 3 trials from the pool" in out and out.count(": reused ") == 3
+    after = Pool(str(root / "pool")).manifest()
+    assert sorted(after["id"]) == sorted(before["id"])  # no trial trained again, the same soups
+    _, by_role = runs_by_role(uri)
+    assert len(by_role["trial"]) == 3 and "same weights as" not in out
+
+
 def test_skip_train_on_a_fresh_folder_is_a_clear_error(tmp_path, capsys):
     code = soup_sweep.main(["--pool", str(tmp_path / "nothing"), "--tracking-uri",
                             f"sqlite:///{tmp_path}/m.db", "--skip-train"])
