@@ -53,7 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--target-width", type=int, default=None,
                    help="width to extrapolate the optimal LR and the attention-logit forecast to "
                         "(analysis.target_width)")
-    p.add_argument("--skip-train", action="store_true", help="analyse the proxy runs already in the pool")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--skip-train", action="store_true", help="analyse the proxy runs already in the pool")
+    mode.add_argument("--resume", action="store_true",
+                      help="continue this study's newest interrupted Tune run under --storage (Tuner.restore); "
+                           "without it, grid points the pool already holds are not run again either")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides with dotted keys and YAML values, "
                         "e.g. settings.steps=400 grid.seeds='[0, 1]'")
@@ -67,6 +71,7 @@ class LRStudy:
         self.args = args
         self.t0 = time.time()
         self.train_s = 0.0
+        self.resume_path: str | None = None
 
     def check_inputs(self) -> None:
         """Every input is read and checked before anything is written."""
@@ -81,6 +86,10 @@ class LRStudy:
         if not args.skip_train:
             tune.check_address(args.address)
             tune.storage_fs(args.storage)
+        if args.resume:
+            self.resume_path = tune.latest_run(args.storage, self.cfg["study"])
+            if self.resume_path is None:
+                raise UserError(f"--resume: no run of study {self.cfg['study']!r} to restore under {args.storage}")
         self.uri = tracking.resolve_uri(args.tracking_uri)
         tracking.check_reachable(self.uri)
         self.pool = Pool(args.pool, create=not args.skip_train)
@@ -120,20 +129,37 @@ class LRStudy:
                            cpus_per_trial=int(max(1, cfg["resources"].get("cpu", 1))),
                            study_keys={name: run_key(cfg, name) for name in cfg["interventions"]},
                            settings=cfg["settings"], interventions=cfg["interventions"],
-                           checkpoint_every=cfg["checkpoint_every"])
+                           checkpoint_every=cfg["checkpoint_every"], done=self.finished_runs())
         run = tune.TuneRun(name=self.run_name, storage=self.args.storage,
                            trainable=ray_tune.with_parameters(run_proxy_trial, ctx=ctx, data=self.data),
                            resources=dict(cfg["resources"]), max_failures=cfg["max_failures"], total=self.n_runs,
                            describe=describe_run)
         space = search_space({"intervention": {"grid": grid["interventions"]}, "width": {"grid": grid["widths"]},
                               "lr": {"grid": grid["lrs"]}, "seed": {"grid": grid["seeds"]}})
-        results = run.fit(space, tune.tune_options(max_concurrent_trials=cfg["max_concurrent_trials"] or None))
+        if self.resume_path:
+            results = run.restore(self.resume_path)
+        else:
+            results = run.fit(space, tune.tune_options(max_concurrent_trials=cfg["max_concurrent_trials"] or None))
+        reused = sum(1 for r in results if (r.metrics or {}).get("reused"))
+        if reused:
+            print(f"reused {reused} of {len(results)} proxy runs from the pool (an earlier launch ran them with "
+                  "the same settings)")
         for failed in tune.failed_trials(results):
             print(f"trial {failed.trial_id} failed after {cfg['max_failures']} retries: {failed.error}",
                   file=sys.stderr)
             self.pool.add(Row(id=failed.trial_id, kind="proxy", sweep=cfg["study"], task="proxy_lm", status="failed",
                               hparams={**failed.config, "study_key": ctx.study_keys[failed.config["intervention"]]}))
         self.train_s = time.time() - self.t0
+
+    def finished_runs(self) -> dict[str, str]:
+        """The grid points the pool already holds a finished (ok or diverged) run of, with these settings."""
+        from orchestrator.proxy.trial import grid_point
+
+        df = self.pool.manifest()
+        if df.empty:
+            return {}
+        runs = df[(df["kind"] == "proxy") & (df["sweep"] == self.cfg["study"]) & (df["status"] != "failed")]
+        return {grid_point(h["study_key"], h): i for i, h in zip(runs["id"], runs["hparams"]) if "study_key" in h}
 
     def analyse(self) -> None:
         self.results = study_tables(self.cfg, self.pool.manifest())
@@ -203,6 +229,7 @@ def describe_run(config: dict[str, Any], result: dict[str, Any]) -> str:
     else:
         outcome = f"val loss {result['final_loss']:.3f}" if "final_loss" in result else "no result"
     logit = f", max attn logit {result['attn_logit_peak']:.3g}" if "attn_logit_peak" in result else ""
+    logit += " (reused from the pool)" if result.get("reused") else ""
     return (f"{config['intervention']:>20s} width {config['width']:<4d} lr {config['lr']:<7g} "
             f"seed {config['seed']}: {outcome}{logit}")
 

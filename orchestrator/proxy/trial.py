@@ -23,6 +23,12 @@ class ProxyContext(TrialContext):
     settings: dict[str, Any] = field(default_factory=dict)
     interventions: dict[str, dict[str, Any]] = field(default_factory=dict)
     checkpoint_every: int = 0  # steps; 0 = only the final checkpoint
+    done: dict[str, str] = field(default_factory=dict)  # grid_point -> id of a finished run in the pool
+
+
+def grid_point(study_key: str, hp: dict[str, Any]) -> str:
+    """A run of the study: its settings (study key) and its place on the grid."""
+    return f"{study_key}/{hp['intervention']}/w{hp['width']}/lr{float(hp['lr']):g}/s{hp['seed']}"
 
 
 def finite(metrics: dict[str, float]) -> dict[str, float]:
@@ -39,6 +45,10 @@ def run_proxy_trial(hp: dict[str, Any], ctx: ProxyContext, data: ByteCorpus) -> 
     done = trial.published()
     if done:  # nothing to redo: report what it got
         tune.report({**done["metrics"], "ingredient_id": trial.id})
+        return
+    earlier = ctx.done.get(grid_point(ctx.study_keys[hp["intervention"]], hp))
+    if earlier:  # an earlier launch of the study ran this grid point: keep its result
+        tune.report({**trial.pool.get(earlier)["metrics"], "ingredient_id": earlier, "reused": 1.0})
         return
     settings = {**ctx.settings, **ctx.interventions[hp["intervention"]]}
     run = ProxyRun(settings, hp["width"], hp["lr"], hp["seed"], data)

@@ -89,6 +89,25 @@ def test_skip_train_reanalyses_the_pool(study, capsys):
     assert len(Pool(str(root / "pool")).manifest()) == 8  # nothing retrained
 
 
+def test_a_second_launch_reuses_the_grid_points_the_pool_holds(study, capsys):
+    root, uri, common = study
+    capsys.readouterr()
+    more = [t if not t.startswith("grid.lrs=") else "grid.lrs=[1.0e-2, 1.0e-1, 3.0e-2]" for t in TINY]
+    assert lr_sensitivity.main([*common, "--preset", "quick", *more]) == 0
+    out = capsys.readouterr().out
+    assert "reused 8 of 12 proxy runs from the pool" in out and "12/12 runs analysed" in out
+    assert len(Pool(str(root / "pool")).manifest()) == 12  # only the 4 new grid points trained
+    assert len(runs_by_role(uri)[1]["trial"]) == 12
+
+
+def test_resume_without_an_earlier_run_is_a_clear_error(tmp_path, capsys):
+    code = lr_sensitivity.main(["--pool", str(tmp_path / "p"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+                                "--storage", str(tmp_path / "nothing"), "--resume", "--preset", "quick"])
+    assert code == 2
+    assert "--resume: no run of study 'proxy_lr-quick' to restore" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert lr_sensitivity.main(["--pool", str(tmp_path / "p"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
                                 "grid.lrs=[-1]"]) == 2
