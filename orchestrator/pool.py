@@ -19,29 +19,50 @@ import pandas as pd
 
 from orchestrator.common import tracking
 from orchestrator.common.cli import run_main, show_our_warnings
-from orchestrator.common.pool import Pool, Row
+from orchestrator.common.pool import KINDS, Pool, Row
 
 __all__ = ["Pool", "Row", "main"]
 
 
-def show(pool: Pool, sweep: str | None = None, start_point: str | None = None) -> None:
-    """The manifest as a table, optionally only one sweep's rows and those of one start point
-    (its pretrained row and the trials that started from it)."""
+def show(pool: Pool, kind: str | None = None, sweep: str | None = None, start_point: str | None = None) -> None:
+    """The manifest as tables (proxy runs with their own columns), optionally only one kind,
+    one sweep, and one start point (its pretrained row and the trials that started from it)."""
     df = pool.manifest()
-    if sweep and len(df):
-        df = df[df["sweep"] == sweep]
-    if start_point and len(df):
-        df = df[(df["id"] == start_point) | df["parents"].map(lambda p: len(p) > 0 and p[0] == start_point)]
+    if len(df):
+        keep = (df["kind"] == kind) if kind else True
+        keep = keep & ((df["sweep"] == sweep) if sweep else True)
+        if start_point:
+            keep = keep & ((df["id"] == start_point) | df["parents"].map(lambda p: len(p) > 0 and p[0] == start_point))
+        df = df[keep] if keep is not True else df
     if df.empty:
-        print(f"{pool.uri}: no rows" + (" match" if sweep or start_point else ""))
+        print(f"{pool.uri}: no rows" + (" match" if kind or sweep or start_point else ""))
         return
-    cols = ["id", "kind", "status", "sweep"] + [c for c in ("val_acc", "id_acc", "ood_acc") if c in df]
-    view = df[cols].copy()
+    with pd.option_context("display.max_rows", None, "display.width", 200, "display.float_format", "{:.4f}".format):
+        for table in (_soup_view(df[df["kind"] != "proxy"]), _proxy_view(df[df["kind"] == "proxy"])):
+            if len(table):
+                print(table.to_string(index=False) + "\n")
+    print(f"{len(df)} ingredients: " + ", ".join(f"{n} {k}" for k, n in df["kind"].value_counts().items()))
+
+
+def _soup_view(df: pd.DataFrame) -> pd.DataFrame:
+    if df.empty:
+        return df
+    view = df[["id", "kind", "status", "sweep"] + [c for c in ("val_acc", "id_acc", "ood_acc") if c in df]].copy()
     view["parents"] = df["parents"].map(len)
     view["start point"] = [p[0] if k == "trial" and len(p) else "" for k, p in zip(df["kind"], df["parents"])]
-    with pd.option_context("display.max_rows", None, "display.width", 200, "display.float_format", "{:.4f}".format):
-        print(view.to_string(index=False))
-    print(f"\n{len(df)} ingredients: " + ", ".join(f"{n} {k}" for k, n in df["kind"].value_counts().items()))
+    return view
+
+
+def _proxy_view(df: pd.DataFrame) -> pd.DataFrame:
+    if df.empty:
+        return df
+    hp = pd.DataFrame([{k: h.get(k) for k in ("intervention", "width", "lr", "seed")} for h in df["hparams"]],
+                      index=df.index)
+    hp["lr"] = hp["lr"].map(lambda v: f"{v:g}" if isinstance(v, (int, float)) else "")
+    view = pd.concat([df[["id", "status", "sweep"]], hp], axis=1)
+    for col in ("final_loss", "attn_logit_peak"):
+        view[col] = df[col] if col in df else float("nan")
+    return view
 
 
 def verify(pool: Pool) -> int:
@@ -86,7 +107,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--pool", default="pool", help="pool folder or URI (default: ./pool)")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                         help="sync-mlflow: the MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///$PWD/mlflow.db)")
-    parser.add_argument("--sweep", help="show: only this sweep's rows")
+    parser.add_argument("--kind", choices=KINDS, help="show: only rows of this kind")
+    parser.add_argument("--sweep", help="show: only this sweep's (or study's) rows")
     parser.add_argument("--start-point", metavar="ID",
                         help="show: only this pretrained ingredient and the trials that started from it")
     parser.add_argument("--dry-run", action="store_true", help="gc: list what would be removed, remove nothing")
@@ -100,7 +122,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     def run() -> int:
         pool = Pool(args.pool)
         if args.command == "show":
-            show(pool, args.sweep, args.start_point)
+            show(pool, args.kind, args.sweep, args.start_point)
             return 0
         if args.command == "sync-mlflow":
             return sync_mlflow(pool, args.tracking_uri)

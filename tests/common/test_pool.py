@@ -397,6 +397,10 @@ def cli(tmp_path_factory):
         p.add(failed("trial-3"))
     with open(weights_file(bad, "trial-2"), "ab") as f:
         f.write(b"junk")
+    proxy = str(base / "proxy")
+    Pool(proxy, create=True).add(Row(id="run-1", kind="proxy", sweep="lr", task="proxy_lm", status="ok",
+                                     hparams={"intervention": "qk_layernorm", "width": 64, "lr": 0.03, "seed": 0},
+                                     metrics={"final_loss": 2.625}))
     unreadable, leftovers = str(base / "unreadable"), str(base / "leftovers")
     for root in (unreadable, leftovers):
         Pool(root, create=True).add(row(1), weights(1))
@@ -412,6 +416,8 @@ def cli(tmp_path_factory):
         "verify_unreadable": ("verify", "--pool", unreadable),
         "gc_dry": ("gc", "--pool", leftovers, "--dry-run", "--min-age", "0"),
         "show_start": ("show", "--pool", good, "--start-point", "pretrained-glyphs-x", "--sweep", "s1"),
+        "show_kind": ("show", "--pool", good, "--kind", "soup"),
+        "show_proxy": ("show", "--pool", proxy),
     }
     procs = {name: _start_cli(*args) for name, args in cases.items()}
     results = {}
@@ -480,3 +486,13 @@ def test_cli_show_filters_by_start_point_and_sweep(cli):
     assert res.returncode == 0, res.stderr
     assert "trial-1" in res.stdout and "trial-2" in res.stdout and "trial-3" not in res.stdout  # no start point
     assert "2 ingredients" in res.stdout and "pretrained-glyphs-x" in res.stdout
+
+
+def test_cli_show_filters_by_kind_and_shows_proxy_runs_with_their_columns(cli):
+    assert cli["show_kind"].returncode == 0 and "no rows match" in cli["show_kind"].stdout
+    res = cli["show_proxy"]
+    assert res.returncode == 0, res.stderr
+    header, line = res.stdout.splitlines()[:2]
+    assert header.split() == ["id", "status", "sweep", "intervention", "width", "lr", "seed", "final_loss",
+                              "attn_logit_peak"]
+    assert line.split()[:8] == ["run-1", "ok", "lr", "qk_layernorm", "64", "0.03", "0", "2.6250"]
