@@ -49,14 +49,12 @@ a temp dir removed at the end (--keep to keep it).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: `bench`
@@ -89,70 +87,6 @@ def parse_args(argv=None):
     if any(n < 1 for n in args.n) or args.repeats < 1:
         p.error("--n values and --repeats must be >= 1")
     return args
-
-
-# -- memory -------------------------------------------------------------------------------
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def rss() -> int:
-    return _status_kb("VmRSS") * 1024
-
-
-class PeakRSS:
-    """Peak RSS over a block: the kernel's high-water mark, reset at the start; or, if the
-    kernel does not let us reset it, a background thread sampling RSS every millisecond.
-    `split()` ends one sub-phase (returns its peak above the base) and starts the next."""
-
-    def __init__(self):
-        self.method, self.peak, self._stop, self._thread = "", 0, None, None
-
-    def _reset(self) -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS
-            return True
-        except OSError:
-            self.peak = rss()
-            return False
-
-    def _peak(self) -> int:
-        return max(self.peak, rss()) if self._thread else _status_kb("VmHWM") * 1024
-
-    def __enter__(self):
-        gc.collect()
-        self.base = rss()
-        if self._reset():
-            self.method = "VmHWM"
-        else:
-            self.method = "sampled RSS (1 ms)"
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(0.001):
-            self.peak = max(self.peak, rss())
-
-    def split(self) -> int:
-        above = self._peak() - self.base
-        self._reset()
-        return above
-
-    def __exit__(self, *exc):
-        self.above = self._peak() - self.base
-        if self._thread:
-            self._stop.set()
-            self._thread.join()
-        return False
 
 
 # -- child: one N in a fresh process ------------------------------------------------------
@@ -189,7 +123,7 @@ def child(args) -> int:
     sd_bytes = sum(v.numel() * v.element_size() for v in pre.values())
     kitchen.evaluate(pre)  # warm-up, as zero_shot runs before greedy_soup in a sweep
     kitchen.val_acc(pre)
-    with PeakRSS() as eval_mem:  # the highest of a few, as the greedy loop's peak is over N-1 of them
+    with common.PeakRSS() as eval_mem:  # the highest of a few, as the greedy loop's peak is over N-1 of them
         for _ in range(5):
             kitchen.val_acc(pre)
     del pre
@@ -226,7 +160,7 @@ def child(args) -> int:
 
     merge.greedy_soup = greedy_then_split  # the greedy_soup recipe calls merge.greedy_soup
     try:
-        with PeakRSS() as mem:
+        with common.PeakRSS() as mem:
             t = time.perf_counter()
             (dish,) = cook(kitchen, ["greedy_soup"], settings)
             t_recipe = time.perf_counter() - t
@@ -380,11 +314,11 @@ def report(ns, results, memory) -> None:
     print()
     print(f"one state dict = {sd / 1024:.0f} KiB ({int(sd)} bytes); torch threads in the soup process: "
           f"{results[ns[0]][0]['threads']}; times: median of {len(results[ns[0]])} fresh process(es) per N")
-    print("  greedy s   the merge.greedy_soup call: N-1 candidates, each loaded (re-read + sha256), mixed, scored on val")
+    print("  greedy s   the merge.greedy_soup call: N-1 candidates, each loaded (memory-mapped, already verified), mixed, scored on val")
     print("  held-out s inside the score callback (Kitchen.val_acc), N-1 calls;  load s: inside Kitchen.load")
     print("  outside %  (greedy s - held-out s) / greedy s;  recipe s: greedy s + the soup's final evaluation on "
           "every set")
-    print("  verify s   Kitchen.loadable(): every ingredient read + sha256-checked once, before any recipe")
+    print("  verify s   Kitchen.loadable(): every ingredient sha256-checked once (streamed), before any recipe")
     print(f"memory: one more fresh process per N, glibc mmap threshold fixed at 64 KiB; peak RSS by "
           f"{memory[ns[0]]['mem_method']} minus RSS before the recipe")
     print("  greedy MB  peak during merge.greedy_soup;  -eval: minus a held-out evaluation's own peak "

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import shutil
 import sys
 import tempfile
+import threading
 from typing import Any, Iterator
 
 DEFAULT_CACHE = os.path.join(tempfile.gettempdir(), "orchestrator-bench-cache")
@@ -87,6 +89,70 @@ def add_row(pool, row: dict[str, Any], weights=None) -> dict[str, Any]:
     from orchestrator.common.pool import Row
 
     return pool.add(Row(**{f.name: row[f.name] for f in fields(Row) if f.name in row}), weights)
+
+
+# -- peak memory -------------------------------------------------------------------------------
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def rss() -> int:
+    return _status_kb("VmRSS") * 1024
+
+
+class PeakRSS:
+    """Peak RSS over a block: the kernel's high-water mark, reset at the start; or, if the
+    kernel does not let us reset it, a background thread sampling RSS every millisecond.
+    `split()` ends one sub-phase (returns its peak above the base) and starts the next."""
+
+    def __init__(self):
+        self.method, self.peak, self._stop, self._thread = "", 0, None, None
+
+    def _reset(self) -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            return True
+        except OSError:
+            self.peak = rss()
+            return False
+
+    def _peak(self) -> int:
+        return max(self.peak, rss()) if self._thread else _status_kb("VmHWM") * 1024
+
+    def __enter__(self):
+        gc.collect()
+        self.base = rss()
+        if self._reset():
+            self.method = "VmHWM"
+        else:
+            self.method = "sampled RSS (1 ms)"
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, rss())
+
+    def split(self) -> int:
+        above = self._peak() - self.base
+        self._reset()
+        return above
+
+    def __exit__(self, *exc):
+        self.above = self._peak() - self.base
+        if self._thread:
+            self._stop.set()
+            self._thread.join()
+        return False
 
 
 # -- output and temp folders ---------------------------------------------------------------

@@ -107,6 +107,20 @@ def test_bench_greedy_tiny(tmp_path, cache_dir):
     assert re.search(r"^target: greedy peak flat in N and < 4x a state dict: (MET|NOT MET)", out, re.MULTILINE)
 
 
+def test_bench_pool_reads_tiny(tmp_path, cache_dir):
+    out = run_bench("bench_pool_reads.py", tmp_path, "--cache-dir", str(cache_dir))
+    assert "reads per cook: 4 weights files" in out, out[-3000:]  # 3 ingredients + the pretrained weights
+    cook = {m.group(1): [float(x) for x in m.group(2).split()] for m in
+            re.finditer(r"^(before|after)((?:\s+[\d.]+){4})$", out, re.MULTILINE)}
+    assert sorted(cook) == ["after", "before"], out[-3000:]
+    assert cook["after"][0] == 1.0  # each file's bytes read through storage exactly once
+    assert cook["before"][0] > 2.0  # the check, then every recipe's load, read it again
+    assert cook["before"][2] == cook["after"][2] > 1  # the same loads
+    peak = {m.group(1): float(m.group(2)) for m in
+            re.finditer(rf"^(before|after)\s+{NUMBER}\s+[\d.]+$", out, re.MULTILINE)}
+    assert sorted(peak) == ["after", "before"] and 0 < peak["after"] < peak["before"], out[-3000:]
+
+
 def test_bench_proxy_tiny(tmp_path):
     out = run_bench("bench_proxy.py", tmp_path)
     assert "20 steps x 16 x 128 tokens" in out

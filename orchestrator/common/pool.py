@@ -30,8 +30,11 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 import time
 import uuid
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -40,7 +43,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from safetensors.torch import load as st_load
+from safetensors import SafetensorError
+from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save
 
 from orchestrator.common.errors import PoolError
@@ -70,6 +74,7 @@ SCHEMA = pa.schema([
     ("created", pa.timestamp("us", tz="UTC")),
 ])
 JSON_COLUMNS = ("hparams", "metrics", "history")
+READ_CHUNK = 8 << 20  # bytes per read while hashing or downloading weights
 
 
 def safe_id(text: str) -> str:
@@ -102,6 +107,9 @@ class Row:
 class Pool:
     def __init__(self, uri: str, create: bool = False):
         self.unreadable: list[str] = []  # row files the last table() could not read
+        self.bytes_read = 0  # weights bytes read from storage (hashing, downloading)
+        self._verified: dict[str, tuple[str, tuple[int, int]]] = {}  # local file -> (sha256, (size, mtime))
+        self._cache: str | None = None  # downloads from an object store
         self.fs, self.root = filesystem(uri, "pool", PoolError)
         self.uri = uri if "://" in uri else self.root  # absolute: trials run in their own folders
         marker = f"{self.root}/pool.json"
@@ -249,29 +257,72 @@ class Pool:
         return {k: json.loads(v) if k in JSON_COLUMNS and isinstance(v, str) else v for k, v in row.items()}
 
     def load(self, ingredient: str | dict[str, Any]) -> StateDict:
-        """Read an ingredient's weights, checking the sha256 recorded in its row."""
+        """An ingredient's weights, memory-mapped from a verified local file: a load peaks
+        near one copy of the weights, and the file is read from storage once per Pool."""
+        try:
+            return st_load_file(self.local_weights(ingredient))
+        except SafetensorError as e:
+            row = self.get(ingredient) if isinstance(ingredient, str) else ingredient
+            raise PoolError(f"{self.uri}: weights of {row['id']} are unreadable ({row['weights']}: {e})") from None
+
+    def local_weights(self, ingredient: str | dict[str, Any]) -> str:
+        """A local file holding the ingredient's weights, checked against the sha256 its row
+        records: the pool's own file on a local disk, a download into this Pool's cache from
+        an object store. The hash is computed while the bytes stream by, once: a file verified
+        before (and unchanged since, on a local disk) is not read again."""
         row = self.get(ingredient) if isinstance(ingredient, str) else ingredient
         if not row["weights"]:
             raise PoolError(f"{self.uri}: ingredient {row['id']} has no weights (status {row['status']})")
-        path = f"{self.root}/{row['weights']}"
+        source = f"{self.root}/{row['weights']}"
+        local = isinstance(self.fs, pafs.LocalFileSystem)
+        target = source if local else os.path.join(self._download_dir(), f"{row['sha256']}.safetensors")
         try:
-            with self.fs.open_input_stream(path) as f:
-                blob = f.read()
+            stamp = _stamp(target)
+            if self._verified.get(target) == (row["sha256"], stamp):
+                return target
+            with self.fs.open_input_stream(source) as f:
+                if local:
+                    sha = self._hash_stream(f)
+                else:  # download beside the target, then rename: the cache never holds a partial file
+                    tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+                    with open(tmp, "wb") as out:
+                        sha = self._hash_stream(f, out)
+                    os.replace(tmp, target)
+                    stamp = _stamp(target)
         except FileNotFoundError:
             raise PoolError(f"{self.uri}: weights of {row['id']} are missing ({row['weights']})") from None
-        if hashlib.sha256(blob).hexdigest() != row["sha256"]:
+        if sha != row["sha256"]:
             raise PoolError(f"{self.uri}: weights of {row['id']} are corrupt (sha256 mismatch, {row['weights']})")
-        return st_load(blob)
+        self._verified[target] = (sha, stamp)
+        return target
+
+    def _hash_stream(self, f, out=None) -> str:
+        """sha256 of a stream read in chunks (copied to `out` if given): memory stays one chunk."""
+        h = hashlib.sha256()
+        while chunk := f.read(READ_CHUNK):
+            h.update(chunk)
+            self.bytes_read += len(chunk)
+            if out is not None:
+                out.write(chunk)
+        return h.hexdigest()
+
+    def _download_dir(self) -> str:
+        """This Pool's cache of weights downloaded from an object store, removed with it."""
+        if self._cache is None:
+            self._cache = tempfile.mkdtemp(prefix="orchestrator-weights-")
+            weakref.finalize(self, shutil.rmtree, self._cache, True)
+        return self._cache
 
     def verify(self) -> list[str]:
         """Re-hash every weights file; returns one line per unreadable row, missing or corrupt file."""
         rows = self.table().to_pylist()
         problems = list(self.unreadable)
+        self._verified.clear()  # verify reads everything again
         for row in rows:
             if not row["weights"]:
                 continue
             try:
-                self.load(row)
+                self.local_weights(row)
             except PoolError as e:
                 problems.append(str(e))
         return problems
@@ -295,6 +346,15 @@ class Pool:
     def remove(self, paths: list[str]) -> None:
         for path in paths:
             self.fs.delete_file(path)
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    """Size and modification time: a file that changed since it was verified is hashed again."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return (-1, -1)
+    return (st.st_size, st.st_mtime_ns)
 
 
 def _first_line(e: Exception) -> str:

@@ -94,14 +94,15 @@ class Kitchen:
         return kept
 
     def loadable(self) -> list[dict[str, Any]]:
-        """Ingredients whose weights verify; a missing or corrupt file is skipped with a warning."""
+        """Ingredients whose weights verify; a missing or corrupt file is skipped with a warning.
+        The pool remembers what it verified: the recipes' loads do not read the files again."""
         if self._loadable is None:
             self._loadable = []
             for row in self.ingredients:
                 try:
-                    self.pool.load(row)
+                    self.pool.local_weights(row)
                     self._loadable.append(row)
-                except Exception as e:  # noqa: BLE001 - PoolError or a truncated safetensors file
+                except PoolError as e:
                     log.warning("skipping ingredient %s: %s", row["id"], e)
         return self._loadable
 

@@ -6,9 +6,11 @@ import os
 
 import boto3
 import pytest
+import torch
 from moto.server import ThreadedMotoServer
 
-from orchestrator.common.pool import Pool
+from orchestrator.common.errors import PoolError
+from orchestrator.common.pool import Pool, Row
 from tests.helpers import finish, sweep_cmd, start
 
 pytestmark = pytest.mark.slow
@@ -51,3 +53,33 @@ def test_sweep_on_s3_checkpoints_resumes_and_cooks_from_there(s3, tmp_path):
     assert sorted(uniform["parents"]) == sorted(trials["id"])
     assert pool.verify() == []
     assert all(w and w in "".join(keys) for w in trials["weights"])  # each trial's weights file is on S3
+
+
+def test_weights_on_s3_are_downloaded_once_verified_and_cached(s3):
+    """Each ingredient crosses the network once per Pool (hashed while it streams into a
+    local cache), later loads map the cached file; a corrupt object is one line."""
+    client, options = s3
+    uri = f"s3://orch/reads?{options}"
+    writer = Pool(uri, create=True)
+    states = {i: {"w": torch.full((256, 64), float(i)), "b": torch.arange(5.0) + i} for i in (1, 2)}
+    for i, state in states.items():
+        writer.add(Row(id=f"t{i}", kind="trial", sweep="s", task="glyphs", status="ok"), state)
+    size = {i: client.head_object(Bucket="orch", Key=f"reads/{writer.get(f't{i}')['weights']}")["ContentLength"]
+            for i in states}
+    reader = Pool(uri)
+    for _ in range(3):
+        for i, state in states.items():
+            loaded = reader.load(f"t{i}")
+            assert all(torch.equal(loaded[k], state[k]) for k in state)
+    assert reader.bytes_read == size[1] + size[2]
+    cache = reader._cache
+    assert sorted(os.listdir(cache)) == sorted(f"{writer.get(f't{i}')['sha256']}.safetensors" for i in states)
+    del reader, loaded
+    import gc
+    gc.collect()
+    assert not os.path.exists(cache)  # the cache goes with its Pool
+
+    client.put_object(Bucket="orch", Key=f"reads/{writer.get('t2')['weights']}", Body=b"tampered")
+    with pytest.raises(PoolError, match="t2.*corrupt"):
+        Pool(uri).load("t2")
+    assert "t2" in " ".join(Pool(uri).verify())

@@ -254,6 +254,47 @@ def test_corrupt_weights_are_reported(pool):
     assert bitwise_equal(pool.load("trial-1"), weights(1))  # the others are fine
 
 
+def test_each_weights_file_is_read_once_per_pool(pool):
+    """Verified while read (a streamed hash), remembered, then memory-mapped: loading an
+    ingredient again reads nothing from storage."""
+    pool.add(row(1), weights(1))
+    pool.add(row(2), weights(2))
+    sizes = {i: os.path.getsize(weights_file(pool.root, f"trial-{i}")) for i in (1, 2)}
+    reader = Pool(pool.uri)
+    for _ in range(3):
+        assert bitwise_equal(reader.load("trial-1"), weights(1))
+    assert reader.bytes_read == sizes[1]
+    reader.local_weights(reader.get("trial-2"))  # what the kitchen's check does: hash, no load
+    assert bitwise_equal(reader.load("trial-2"), weights(2))
+    assert reader.bytes_read == sizes[1] + sizes[2]
+
+
+def test_a_file_changed_after_it_was_verified_is_checked_again(pool):
+    pool.add(row(1), weights(1))
+    assert bitwise_equal(pool.load("trial-1"), weights(1))
+    with open(weights_file(pool.root, "trial-1"), "ab") as f:
+        f.write(b"\x00garbage")
+    with pytest.raises(PoolError, match="trial-1.*corrupt"):
+        pool.load("trial-1")
+
+
+def test_a_file_with_the_right_hash_that_is_not_safetensors_is_one_line(pool):
+    """Only a writer outside the pool can make one; the error still names the file."""
+    pool.add(row(1), weights(1))
+    path = weights_file(pool.root, "trial-1")
+    with open(path, "wb") as f:
+        f.write(b"not safetensors")
+    import hashlib
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    table = pq.read_table(f"{pool.root}/manifest/trial-1.parquet")
+    table = table.set_column(table.schema.get_field_index("sha256"), "sha256",
+                             pa.array([hashlib.sha256(b"not safetensors").hexdigest()]))
+    pq.write_table(table, f"{pool.root}/manifest/trial-1.parquet")
+    with pytest.raises(PoolError, match="trial-1.*unreadable"):
+        Pool(pool.uri).load("trial-1")
+
+
 def test_unreadable_rows_are_skipped_with_a_warning_and_fail_verify(pool, caplog):
     """What a crash or a full disk leaves: a 0-byte row file and a truncated one."""
     for i in (1, 2, 3):
