@@ -3,7 +3,7 @@
     python -m orchestrator.pool show   --pool URI
     python -m orchestrator.pool verify --pool URI   # re-hash every file, exit 1 on problems
     python -m orchestrator.pool sync-mlflow --pool URI --tracking-uri URI  # replay into MLflow
-    python -m orchestrator.pool gc --pool URI [--dry-run]   # remove leftover temp files and orphan weights
+    python -m orchestrator.pool gc --pool URI [--dry-run]   # remove temp files, unreadable rows, orphan weights
 
 The pool itself (layout, rows, atomic writes) is orchestrator/common/pool.py.
 """
@@ -84,7 +84,8 @@ def gc(pool: Pool, dry_run: bool, min_age_s: float) -> int:
     if not dry_run:
         pool.remove(garbage)
     print(f"{pool.uri}: {len(garbage)} file(s) {'to remove' if dry_run else 'removed'} "
-          f"(temp files of crashed writers, weights no row references; older than {min_age_s:g} s)")
+          f"(temp files of crashed writers, unreadable rows, weights no readable row references; "
+          f"older than {min_age_s:g} s)")
     return 0
 
 

@@ -106,7 +106,9 @@ class Row:
 
 class Pool:
     def __init__(self, uri: str, create: bool = False):
-        self.unreadable: list[str] = []  # row files the last table() could not read
+        self.unreadable: list[str] = []  # row files the last table() could not read: why, one line each
+        self.unreadable_paths: list[str] = []  # ... and their paths
+        self._warned: set[str] = set()
         self.bytes_read = 0  # weights bytes read from storage (hashing, downloading)
         self._verified: dict[str, tuple[str, tuple[int, int]]] = {}  # local file -> (sha256, (size, mtime))
         self._cache: str | None = None  # downloads from an object store
@@ -201,7 +203,7 @@ class Pool:
         """Every readable row. A row file that cannot be read (0 bytes or truncated: what a
         crash or a full disk leaves) is skipped with a warning naming it, and listed in
         `self.unreadable`: one bad file never makes the pool unreadable."""
-        self.unreadable: list[str] = []
+        self.unreadable, self.unreadable_paths = [], []
         manifest = f"{self.root}/manifest"
         if self.fs.get_file_info(manifest).type != pafs.FileType.Directory:
             return SCHEMA.empty_table()
@@ -209,9 +211,12 @@ class Pool:
                        if i.type == pafs.FileType.File and not i.base_name.startswith("."))  # hidden: being written
         with ThreadPoolExecutor(8) as pool:  # object stores answer many small reads at once
             tables = list(pool.map(self._read_row_file, paths))
+        self.unreadable_paths = [p for p, t in zip(paths, tables) if isinstance(t, str)]
         for path, table in zip(paths, tables):
             if isinstance(table, str):
-                log.warning("skipping unreadable pool row %s (%s)", path, table)
+                if path not in self._warned:  # once per Pool: a command may read the table twice
+                    log.warning("skipping unreadable pool row %s (%s)", path, table)
+                    self._warned.add(path)
                 self.unreadable.append(f"{self.uri}: row {path} is unreadable ({table})")
         return pa.concat_tables([t for t in tables if not isinstance(t, str)] or [SCHEMA.empty_table()])
 
@@ -328,10 +333,13 @@ class Pool:
         return problems
 
     def garbage(self, min_age_s: float = 3600.0) -> list[str]:
-        """Files no reader will ever use: temp files a crashed writer left, and weights no row
-        references. Only files older than `min_age_s`: a running sweep writes a trial's
-        weights just before its row, and its temp files are in use."""
+        """Files no reader will ever use: temp files a crashed writer left, unreadable row
+        files (rows are published whole, so one that cannot be read was damaged after it was
+        written), and weights no readable row references. Only files older than `min_age_s`:
+        a running sweep writes a trial's weights just before its row, and its temp files are
+        in use."""
         referenced = {f"{self.root}/{w}" for w in self.table().column("weights").to_pylist() if w}
+        unreadable = set(self.unreadable_paths)
         now_ns = time.time_ns()
         out = []
         for folder in ("manifest", "weights"):
@@ -339,7 +347,7 @@ class Pool:
                 if info.type != pafs.FileType.File or (now_ns - (info.mtime_ns or now_ns)) / 1e9 < min_age_s:
                     continue
                 temp = info.base_name.startswith(".") and info.base_name.endswith(".tmp")
-                if temp or (folder == "weights" and info.path not in referenced):
+                if temp or info.path in unreadable or (folder == "weights" and info.path not in referenced):
                     out.append(info.path)
         return sorted(out)
 

@@ -347,6 +347,17 @@ def test_gc_finds_leftover_temp_files_and_unreferenced_weights(pool):
     assert bitwise_equal(pool.load("trial-1"), weights(1))
 
 
+def test_gc_removes_unreadable_rows_and_the_weights_only_they_referenced(pool, caplog):
+    pool.add(row(1), weights(1))
+    pool.add(row(2), weights(2))
+    damaged, its_weights = f"{pool.root}/manifest/trial-2.parquet", weights_file(pool.root, "trial-2")
+    open(damaged, "wb").close()  # 0 bytes: what a full disk leaves
+    assert sorted(pool.garbage(min_age_s=0)) == sorted([damaged, its_weights])
+    assert sum("skipping unreadable pool row" in r.message for r in caplog.records) == 1  # warned once per Pool
+    pool.remove(pool.garbage(min_age_s=0))
+    assert pool.verify() == [] and list(pool.manifest()["id"]) == ["trial-1"]
+
+
 def test_missing_weights_are_reported(pool):
     pool.add(row(1), weights(1))
     pool.add(row(2), weights(2))
