@@ -2,11 +2,10 @@
 
     python -m orchestrator.example_data text    # data/stdlib_text/*.parquet (the hf_text example)
 
-text: which of 11 standard-library packages a piece of English comes from. Several are
-easy to confuse (asyncio / multiprocessing, tkinter / idlelib, email / http / urllib), so a linear probe on frozen sentence embeddings leaves room for fine-tuning.
-Trained on docstrings; evaluated in distribution on held-out docstrings and under a
-natural shift of style on the same packages' code comments and on the messages of the
-exceptions they raise (up to test_per_label per package: some raise few).
+text: which standard-library package a piece of English comes from (asyncio, email,
+tkinter, unittest). Trained on docstrings; evaluated in distribution on held-out
+docstrings and under a natural shift of style on the same packages' code comments and
+on the messages of the exceptions they raise.
 """
 
 from __future__ import annotations
@@ -22,8 +21,7 @@ import tokenize
 
 import numpy as np
 
-PACKAGES = ("asyncio", "email", "http", "idlelib", "importlib", "logging", "multiprocessing", "tkinter",
-            "unittest", "urllib", "xml")  # each in every Python 3.9-3.13, with >= 60 docstrings
+PACKAGES = ("asyncio", "email", "tkinter", "unittest")
 MIN_WORDS = 5
 
 
@@ -67,7 +65,7 @@ def package_texts(package: str) -> dict[str, list[str]]:
     return {k: sorted({t for t in v if len(t.split()) >= MIN_WORDS}) for k, v in out.items()}
 
 
-def make_text(out: str, train_per_label: int = 40, test_per_label: int = 20, seed: int = 0) -> dict[str, int]:
+def make_text(out: str, train_per_label: int = 80, test_per_label: int = 50, seed: int = 0) -> dict[str, int]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 

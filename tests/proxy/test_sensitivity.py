@@ -282,3 +282,12 @@ def test_text_and_parquet_corpora(tmp_path):
         load_corpus(str(tmp_path / "d.parquet"))
     with pytest.raises(ConfigError, match="no such file"):
         load_corpus(str(tmp_path / "missing.txt"))
+
+
+def test_sensitivity_ratios_line():
+    from orchestrator.proxy.study import sensitivity_ratios
+
+    table = pd.DataFrame({"intervention": ["baseline", "baseline", "qk_layernorm", "qk_layernorm"],
+                          "width": [32, 64, 32, 64], "lr_sensitivity": [0.2, 0.25, 0.1, 0.05]})
+    assert sensitivity_ratios(table) == ["qk_layernorm / baseline LR sensitivity: w32 0.50x, w64 0.20x"]
+    assert sensitivity_ratios(table[table["intervention"] == "qk_layernorm"]) == []  # no baseline: no ratio

@@ -300,8 +300,7 @@ def test_example_text_data_is_deterministic_balanced_and_disjoint(tmp_path):
 
     counts = make_text(str(tmp_path / "a"))
     make_text(str(tmp_path / "b"))
-    assert counts["train"] == 40 * len(PACKAGES) and counts["id_test"] == 20 * len(PACKAGES)
-    assert counts["ood_comments"] == 20 * len(PACKAGES) and 0 < counts["ood_errors"] <= 20 * len(PACKAGES)
+    assert counts["train"] == 80 * len(PACKAGES) and counts["id_test"] == 50 * len(PACKAGES)
     tables = {n: pq.read_table(tmp_path / "a" / f"{n}.parquet").to_pydict() for n in counts}
     assert tables["train"] == pq.read_table(tmp_path / "b" / "train.parquet").to_pydict()  # same files every time
     assert sorted(set(tables["train"]["label"])) == sorted(PACKAGES)
