@@ -19,6 +19,7 @@ QUIET_ENV = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # no "Downloading artifacts" bars
     "MLFLOW_LOGGING_LEVEL": "WARNING",  # no "Creating initial MLflow database tables"
     "RAY_AIR_NEW_OUTPUT": "0",  # Tune's legacy reporter, silent at verbose=0 (the new one prints a box anyway)
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # no "Loading weights" bars from transformers (it reads this too)
 }
 
 

@@ -142,6 +142,10 @@ def log_dict(uri: str, run_id: str, obj: Any, name: str) -> None:
     client(uri).log_dict(run_id, obj, name)
 
 
+def log_text(uri: str, run_id: str, text: str, name: str) -> None:
+    client(uri).log_text(run_id, text, name)
+
+
 def log_file(uri: str, run_id: str, path: str, folder: str | None = None) -> None:
     client(uri).log_artifact(run_id, path, folder)
 

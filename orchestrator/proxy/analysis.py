@@ -19,6 +19,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from orchestrator.common.stats import mean_interval
 from orchestrator.proxy.config import run_key
 from orchestrator.proxy.model import count_params
 from orchestrator.proxy.run import model_config
@@ -147,14 +148,30 @@ def per_lr(runs: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def per_seed_sensitivity(runs: pd.DataFrame) -> pd.DataFrame:
+    """LR sensitivity of each seed's own grid per (intervention, width, seed): the spread
+    behind the table's interval over seeds."""
+    r = runs.copy()
+    r["loss"] = np.where(r["diverged"], np.nan, r["final_loss"].astype(float))
+    rows = [{"intervention": i, "width": w, "seed": s, "lr_sensitivity": lr_sensitivity(g["loss"], g["init_loss"].mean())}
+            for (i, w, s), g in r.groupby(["intervention", "width", "seed"], sort=True)]
+    return pd.DataFrame(rows, columns=["intervention", "width", "seed", "lr_sensitivity"])
+
+
 def sensitivity_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (intervention, width): the issue's lr_sensitivity.csv."""
+    """One row per (intervention, width): the issue's lr_sensitivity.csv. With several
+    seeds, `lr_sensitivity_low` / `_high` are a 95% Student-t interval over the seeds' own
+    sensitivities (NaN with one seed)."""
     rows = []
+    seeds = per_seed_sensitivity(runs)
     for (intervention, width), g in per_lr(runs).groupby(["intervention", "width"], sort=True):
         loss_0 = float(g["init_loss"].mean())
         best_lr, best_loss = optimal_lr(g["lr"], g["loss"])
+        spread = mean_interval(seeds[(seeds["intervention"] == intervention) & (seeds["width"] == width)]
+                               ["lr_sensitivity"])
         rows.append({"intervention": intervention, "width": int(width), "params": int(g["params"].iloc[0]),
-                     "lr_sensitivity": lr_sensitivity(g["loss"], loss_0), "optimal_lr": best_lr,
+                     "lr_sensitivity": lr_sensitivity(g["loss"], loss_0), "seeds": int(g["seeds"].max()),
+                     "lr_sensitivity_low": spread.low, "lr_sensitivity_high": spread.high, "optimal_lr": best_lr,
                      "optimal_lr_refined": refined_optimal_lr(g["lr"], g["loss"]), "best_loss": best_loss,
                      "init_loss": loss_0, "diverged_runs": int(g["diverged"].sum()), "runs": int(g["seeds"].sum()),
                      "max_attn_logit": float(g["attn_logit_peak"].max())})

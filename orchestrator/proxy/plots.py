@@ -64,7 +64,10 @@ def loss_vs_lr(per_lr: pd.DataFrame, path: str, title: str) -> str:
 def sensitivity_vs_width(table: pd.DataFrame, path: str, title: str) -> str:
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for name, g in table.groupby("intervention"):
-        ax.plot(g["width"], g["lr_sensitivity"], "-o", label=name)
+        line, = ax.plot(g["width"], g["lr_sensitivity"], "-o", label=name)
+        if "lr_sensitivity_low" in g and g["lr_sensitivity_low"].notna().any():  # several seeds: their interval
+            ax.fill_between(g["width"], g["lr_sensitivity_low"], g["lr_sensitivity_high"], color=line.get_color(),
+                            alpha=0.15, lw=0)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("width")
     ax.set_ylabel("LR sensitivity")

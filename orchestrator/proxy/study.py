@@ -1,7 +1,7 @@
 """Small-proxy LR sensitivity: which learning rates can a large run afford, which
 interventions make it robust, and where will it blow up?
 
-    python -m orchestrator.lr_sensitivity                  # default preset, ~12 min on 2 cores
+    python -m orchestrator.lr_sensitivity                  # default preset, ~14 min on 2 cores
     python -m orchestrator.lr_sensitivity --preset quick   # about a minute
     python -m orchestrator.lr_sensitivity --skip-train --target-width 4096   # re-analyse the pool
     python -m orchestrator.lr_sensitivity settings.steps=400 grid.widths='[64, 128]'
@@ -36,7 +36,7 @@ from orchestrator.proxy.config import DEFAULT_CONFIG, load_config, run_key
 
 CSVS = {"lr_sensitivity.csv": "table", "lr_transfer.csv": "transfer", "logit_forecast.csv": "forecast",
         "runs.csv": "runs", "loss_vs_lr.csv": "per_lr"}  # artifact -> table of study_tables
-FORMATS = {"lr_sensitivity": "{:.3f}", "optimal_lr": "{:.0e}", "optimal_lr_refined": "{:.1e}", "best_loss": "{:.3f}",
+FORMATS = {"lr_sensitivity": "{:.3f}", "lr_sensitivity_low": "{:.3f}", "lr_sensitivity_high": "{:.3f}", "optimal_lr": "{:.0e}", "optimal_lr_refined": "{:.1e}", "best_loss": "{:.3f}",
            "init_loss": "{:.3f}", "max_attn_logit": "{:.3g}", "slope": "{:+.2f}", "intercept": "{:.2f}",
            "predicted_lr": "{:.1e}", "log10_lr_std": "{:.2f}", "largest_measured": "{:.3g}", "forecast": "{:.3g}",
            "lr": "{:g}"}
@@ -188,7 +188,12 @@ class LRStudy:
         cfg, results = self.cfg, self.results
         table, transfer, forecast = results["table"], results["transfer"], results["forecast"]
         threshold = cfg["analysis"]["logit_threshold"]
-        print(f"\nLR sensitivity (final validation loss; a diverged run counts as loss_0):\n{_show(table)}")
+        one_seed = table["seeds"].max() < 2  # no interval over seeds to show
+        shown = table.drop(columns=["seeds", "lr_sensitivity_low", "lr_sensitivity_high"] if one_seed else [])
+        print(f"\nLR sensitivity (final validation loss; a diverged run counts as loss_0"
+              f"{'' if one_seed else '; low/high: 95% t-interval over seeds'}):\n{_show(shown)}")
+        for line in sensitivity_ratios(table):
+            print(line)
         print(f"\nLR transfer: log optimal LR vs log width, predicted at width {results['target_width']}:\n"
               f"{_show(transfer.drop(columns=['target_width']))}")
         flagged = forecast[forecast["flag"]]
@@ -236,6 +241,18 @@ def describe_run(config: dict[str, Any], result: dict[str, Any]) -> str:
 
 def _metric_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-/ ]", "_", text)
+
+
+def sensitivity_ratios(table: pd.DataFrame, reference: str = "baseline") -> list[str]:
+    """Each intervention's LR sensitivity as a multiple of the reference's, per width."""
+    base = table[table["intervention"] == reference].set_index("width")["lr_sensitivity"]
+    lines = []
+    for name, g in table[table["intervention"] != reference].groupby("intervention", sort=True):
+        cells = [f"w{int(r.width)} {r.lr_sensitivity / base[r.width]:.2f}x" for r in g.itertuples()
+                 if r.width in base and base[r.width] > 0]
+        if cells:
+            lines.append(f"{name} / {reference} LR sensitivity: {', '.join(cells)}")
+    return lines
 
 
 def _show(df: pd.DataFrame) -> str:

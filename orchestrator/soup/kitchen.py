@@ -12,6 +12,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import torch
+
 from orchestrator.common.errors import PoolError
 from orchestrator.common.pool import Pool
 from orchestrator.common.weights import StateDict, arch_fingerprint
@@ -35,9 +38,20 @@ class Dish:
     params: dict[str, Any] = field(default_factory=dict)
     curve: list[dict[str, float]] = field(default_factory=list)  # metrics along the recipe's curve_x
     name: str = ""  # unique among one cook's dishes (metric prefixes); default: the recipe's name
+    # per eval set, which examples it got right (Verdict.correct): the summary's intervals;
+    # a dish without them is shown without intervals
+    correct: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self):
         self.name = self.name or self.recipe
+
+
+@dataclass
+class Verdict:
+    """An evaluation on every eval set: the metrics, and which examples were right."""
+
+    metrics: dict[str, float]
+    correct: dict[str, np.ndarray]  # eval set -> bool per example, in the set's order
 
 
 class Kitchen:
@@ -115,15 +129,26 @@ class Kitchen:
     def evaluate(self, state: StateDict, sets: list[str] | None = None, soup: bool = True) -> dict[str, float]:
         """Accuracy on the named eval sets (default all). Averaged weights (`soup`) of a model
         with BatchNorm get fresh running statistics from a few training batches first."""
+        return self._judge(state, sets or list(self.data.evals), soup).metrics
+
+    def judge(self, state: StateDict, soup: bool = True) -> Verdict:
+        """`evaluate` on every eval set, keeping which examples were right (a dish's intervals)."""
+        return self._judge(state, list(self.data.evals), soup)
+
+    def _judge(self, state: StateDict, sets: list[str], soup: bool) -> Verdict:
         load_into(self.model, state)
         if soup and self.bn_buffers:
             recompute_batchnorm(self.task, self.model, self.data.train, self.bn_batches,
                                 precision=self.precision)
             fresh = self.model.state_dict()
             state.update({k: fresh[k].detach().clone() for k in self.bn_buffers})  # the soup keeps its statistics
-        names = sets or list(self.data.evals)
-        acc = {n: accuracy(self.logits(n), self.data.evals[n].labels) for n in names}
-        return summarize(acc, self.data)
+        return self.verdict({n: self.logits(n) for n in sets})
+
+    def verdict(self, logits: dict[str, torch.Tensor]) -> Verdict:
+        """Metrics and per-example correctness from each eval set's logits."""
+        correct = {n: (out.argmax(1) == self.data.evals[n].labels).numpy() for n, out in logits.items()}
+        acc = {n: accuracy(out, self.data.evals[n].labels) for n, out in logits.items()}
+        return Verdict(summarize(acc, self.data), correct)
 
     def logits(self, eval_set: str):
         return predict_logits(self.task, self.model, self.data.evals[eval_set], precision=self.precision)

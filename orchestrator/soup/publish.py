@@ -1,5 +1,5 @@
 """Serving the dishes: every dish a nested MLflow run; every dish with new weights a pool
-row (kind=soup) and an MLflow model; the summary table. Driven by the recipes' declarations."""
+row (kind=soup) and an MLflow model. Driven by the recipes' declarations."""
 
 from __future__ import annotations
 
@@ -65,14 +65,6 @@ def log_model(uri: str, run_id: str, weights: StateDict, task: Task) -> None:
                 code_paths=[PACKAGE],
                 pip_requirements=["torch", "safetensors", "numpy", "mlflow"],
             )
-
-
-def summary_table(dishes: list[Dish]) -> str:
-    lines = [f"{'':34s} {'val':>7s} {'ID':>7s} {'OOD mean':>9s}"]
-    for d in dishes:
-        m = d.metrics
-        lines.append(f"{d.label:34s} {m['val_acc']:7.4f} {m['id_acc']:7.4f} {m['ood_acc']:9.4f}")
-    return "\n".join(lines)
 
 
 def parent_metrics(dishes: list[Dish]) -> dict[str, Any]:

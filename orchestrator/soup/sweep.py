@@ -29,8 +29,10 @@ from orchestrator.common.pool import Pool, Row
 from orchestrator.soup.config import DEFAULT_CONFIG, load_config, make_task
 from orchestrator.soup.kitchen import Kitchen, check_cookable
 from orchestrator.soup.pretrained import ensure_pretrained
-from orchestrator.soup.publish import Publisher, parent_metrics, summary_table
+from orchestrator.soup.publish import Publisher, parent_metrics
 from orchestrator.soup.recipes import RECIPES, cook, default_recipes, ordered
+from orchestrator.soup.summary import interval_metrics, summary_table
+from orchestrator.soup.train import metric_sets
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -199,14 +201,18 @@ class SoupSweep:
         uri, parent, kitchen = self.uri, self.parent, self.kitchen
         with tempfile.TemporaryDirectory() as tmp:
             plot = soup_scatter(kitchen.ingredients, self.dishes, os.path.join(tmp, "soups_id_vs_ood.png"),
-                                f"{self.cfg['sweep']}: {len(kitchen.ingredients)} fine-tuned models and their soups")
+                                f"{self.cfg['sweep']}: {len(kitchen.ingredients)} fine-tuned models and their soups "
+                                "(bars: 95% intervals)", metric_sets(self.data))
             tracking.log_file(uri, parent, plot)
             manifest = os.path.join(tmp, "manifest.parquet")
             self.pool.manifest()[lambda df: df.columns[:14]].to_parquet(manifest)
             tracking.log_file(uri, parent, manifest)
-        tracking.log_metrics(uri, parent, parent_metrics(self.dishes))
+        groups = metric_sets(self.data)  # the summary's columns: which eval sets each metric averages
+        table = summary_table(self.dishes, groups)
+        tracking.log_metrics(uri, parent, {**parent_metrics(self.dishes), **interval_metrics(self.dishes, groups)})
+        tracking.log_text(uri, parent, table, "summary.txt")
         print()
-        print(summary_table(self.dishes))
+        print(table)
         print(f"\n{len(kitchen.ingredients)} usable ingredients; finished in {time.time() - self.t0:.0f} s")
         print(f"pool:   {self.pool.uri}  (python -m orchestrator.pool show --pool {self.pool.uri})")
         print(f"MLflow: {uri}, experiment {self.cfg['sweep']!r}, parent run {parent}")

@@ -79,16 +79,23 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return (logits.argmax(1) == y).float().mean().item()
 
 
+# The summary columns beyond acc_<set>: name -> which eval sets it averages.
+def metric_sets(data: TaskData) -> dict[str, list[str]]:
+    """val_acc, id_acc, ood_acc (the OOD mean), natural_acc (the natural shifts' mean) and
+    corrupt_acc (the synthetic corruptions' mean), each as the eval sets it averages."""
+    groups = {"val_acc": [data.val], "id_acc": [data.id_test], "ood_acc": data.ood,
+              "natural_acc": data.natural, "corrupt_acc": data.corruptions}
+    return {name: sets for name, sets in groups.items() if sets}
+
+
 def summarize(acc: dict[str, float], data: TaskData) -> dict[str, float]:
-    """acc_<set> for every set, plus the conventional val_acc, id_acc and ood_acc (OOD mean)."""
+    """acc_<set> for every set, plus the conventional val_acc, id_acc and ood_acc (OOD mean),
+    and natural_acc / corrupt_acc when the task has natural shifts / corruptions."""
     metrics = {f"acc_{name}": a for name, a in acc.items()}
-    if data.val in acc:
-        metrics["val_acc"] = acc[data.val]
-    if data.id_test in acc:
-        metrics["id_acc"] = acc[data.id_test]
-    if data.ood and all(o in acc for o in data.ood):
-        metrics["ood_acc"] = float(np.mean([acc[o] for o in data.ood]))
-    elif not data.ood and data.id_test in acc:
+    for name, sets in metric_sets(data).items():
+        if all(s in acc for s in sets):
+            metrics[name] = float(np.mean([acc[s] for s in sets])) if len(sets) > 1 else acc[sets[0]]
+    if not data.ood and data.id_test in acc:
         metrics["ood_acc"] = float("nan")  # no OOD set given: tables and plots show a gap
     return metrics
 

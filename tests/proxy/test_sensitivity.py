@@ -96,6 +96,29 @@ def test_table_from_manifest_counts_diverged_and_keeps_newest():
                 "diverged_runs"]) <= set(table.columns)
 
 
+def test_interval_over_seeds_is_t_over_each_seeds_own_sensitivity():
+    """Three seeds of a 2-LR grid, loss_0 = 5: seed 0 losses (2, 3) -> sensitivity 0.5,
+    seed 1 (2, 4) -> 1.0, seed 2 (2, diverged = 5) -> 1.5; mean 1.0, sd 0.5, t(0.975, 2) =
+    4.303: the interval is 1.0 +- 4.303 * 0.5 / sqrt(3) = 1.0 +- 1.242."""
+    rows = []
+    for seed, (a, b) in enumerate([(2.0, 3.0), (2.0, 4.0), (2.0, NAN)]):
+        for lr, loss in ((1e-3, a), (1e-2, b)):
+            rows.append({"intervention": "base", "width": 32, "lr": lr, "seed": seed, "params": 1000,
+                         "init_loss": 5.0, "final_loss": loss, "diverged": math.isnan(loss),
+                         "attn_logit_probe": 1.0, "attn_logit_peak": 1.0})
+    runs = pd.DataFrame(rows)
+    per_seed = sens.per_seed_sensitivity(runs)
+    assert list(per_seed["lr_sensitivity"]) == pytest.approx([0.5, 1.0, 1.5])
+    row = sens.sensitivity_table(runs).iloc[0]
+    assert row["seeds"] == 3
+    assert row["lr_sensitivity_low"] == pytest.approx(1.0 - 1.2421, abs=1e-3)
+    assert row["lr_sensitivity_high"] == pytest.approx(1.0 + 1.2421, abs=1e-3)
+    # the point value stays the sensitivity of the seed-mean losses: (2, 4) -> 1.0
+    assert row["lr_sensitivity"] == pytest.approx(1.0)
+    one = sens.sensitivity_table(runs[runs["seed"] == 0]).iloc[0]
+    assert one["seeds"] == 1 and math.isnan(one["lr_sensitivity_low"]) and one["lr_sensitivity"] == 0.5
+
+
 # -- the model's settings --------------------------------------------------------------------
 
 
@@ -259,3 +282,12 @@ def test_text_and_parquet_corpora(tmp_path):
         load_corpus(str(tmp_path / "d.parquet"))
     with pytest.raises(ConfigError, match="no such file"):
         load_corpus(str(tmp_path / "missing.txt"))
+
+
+def test_sensitivity_ratios_line():
+    from orchestrator.proxy.study import sensitivity_ratios
+
+    table = pd.DataFrame({"intervention": ["baseline", "baseline", "qk_layernorm", "qk_layernorm"],
+                          "width": [32, 64, 32, 64], "lr_sensitivity": [0.2, 0.25, 0.1, 0.05]})
+    assert sensitivity_ratios(table) == ["qk_layernorm / baseline LR sensitivity: w32 0.50x, w64 0.20x"]
+    assert sensitivity_ratios(table[table["intervention"] == "qk_layernorm"]) == []  # no baseline: no ratio

@@ -11,9 +11,10 @@ from orchestrator.common.errors import ConfigError
 from orchestrator.common.pool import Pool
 from orchestrator.soup import recipes
 from orchestrator.soup.config import load_config
-from orchestrator.soup.kitchen import Dish
+from orchestrator.soup.kitchen import Dish, Verdict
 from orchestrator.soup.plots import soup_scatter
-from orchestrator.soup.publish import Publisher, parent_metrics, summary_table
+from orchestrator.soup.publish import Publisher, parent_metrics
+from orchestrator.soup.summary import summary_table
 from orchestrator.soup.recipes import RECIPES, Marker, Param, Recipe, cook, default_recipes, ordered
 from orchestrator.soup.tasks.glyphs import GlyphsTask
 
@@ -105,6 +106,9 @@ class FakeKitchen:
     def evaluate(self, state, sets=None, soup=True):
         return dict(METRICS)
 
+    def judge(self, state, soup=True):
+        return Verdict(dict(METRICS), {})  # no per-example results: the table shows no intervals
+
 
 def test_a_new_recipe_is_cooked_published_tabled_and_plotted(halfway, tmp_path):
     task = GlyphsTask({"width": 8})
@@ -127,7 +131,7 @@ def test_a_new_recipe_is_cooked_published_tabled_and_plotted(halfway, tmp_path):
     (run,) = [r for r in client.search_runs([exp]) if r.info.run_id != parent]
     assert run.data.tags["orchestrator.recipe"] == "halfway" and run.data.tags["orchestrator.ingredient_id"] == row["id"]
 
-    assert "halfway soup" in summary_table(dishes)
+    assert "halfway soup" in summary_table(dishes, {"val_acc": ["val"], "id_acc": ["id_test"]})
     assert parent_metrics(dishes)["halfway_val_acc"] == 0.5
     path = soup_scatter([{"metrics": dict(METRICS)}], dishes, str(tmp_path / "plot.png"), "t")
     assert (tmp_path / "plot.png").stat().st_size > 1000 and path.endswith("plot.png")

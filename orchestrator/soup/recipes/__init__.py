@@ -5,7 +5,8 @@ A recipe declares what the rest of the product needs to know about it, and every
 else is driven by those declarations, never by recipe names: config validation (its
 `params` become keys under `soup:`), which recipes must be cooked before it (`needs`),
 whether its weights are new and go to the pool and MLflow (`produces_weights`), where the
-summary table lists it (`position`) and how the plot draws it (`marker`, or a curve over
+summary table lists it (`position`), whether the summary measures the others against it
+(`reference`) and how the plot draws it (`marker`, or a curve over
 `curve_x`). `cook` does the math through the Kitchen and does no I/O of its own.
 """
 
@@ -49,6 +50,7 @@ class Recipe:
     produces_weights: ClassVar[bool] = False  # new weights: stored in the pool and as an MLflow model
     marker: ClassVar[Marker | None] = None  # a point on the plot ...
     curve_x: ClassVar[str | None] = None  # ... or a curve over this parameter (Dish.curve)
+    reference: ClassVar[bool] = False  # the dish the summary's paired differences are measured against
 
     @staticmethod
     def cook(k: Kitchen, params: dict[str, Any], cooked: dict[str, Dish]) -> list[Dish]:

@@ -4,7 +4,7 @@ the "more compute" reference point for the soups)."""
 from orchestrator.soup import merge
 from orchestrator.soup.kitchen import Dish
 from orchestrator.soup.recipes import Marker, Recipe, register
-from orchestrator.soup.train import accuracy, load_into, summarize
+from orchestrator.soup.train import load_into
 
 
 @register
@@ -20,7 +20,6 @@ class Ensemble(Recipe):
             load_into(k.model, k.load(row))
             return {n: k.logits(n) for n in k.data.evals}
 
-        mean = merge.mean_logits(member_logits(r) for r in rows)
-        acc = {n: accuracy(mean[n], k.data.evals[n].labels) for n in mean}
-        return [Dish("ensemble", f"{Ensemble.label} ({len(rows)} models)", summarize(acc, k.data),
-                     [r["id"] for r in rows], params={"n_ingredients": len(rows)})]
+        verdict = k.verdict(merge.mean_logits(member_logits(r) for r in rows))
+        return [Dish("ensemble", f"{Ensemble.label} ({len(rows)} models)", verdict.metrics,
+                     [r["id"] for r in rows], params={"n_ingredients": len(rows)}, correct=verdict.correct)]

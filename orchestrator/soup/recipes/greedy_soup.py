@@ -22,8 +22,8 @@ class GreedySoup(Recipe):
         result = merge.greedy_soup(rows, k.load, k.val_acc, accept=accept, first_score=rows[0]["metrics"]["val_acc"])
         trace = [{"id": s.ingredient["id"], "val_acc": s.score, "accepted": s.accepted} for s in result.steps]
         # a soup of one is the best individual itself, BatchNorm statistics included
-        return [Dish("greedy_soup", f"{GreedySoup.label} ({len(result.kept)} kept)",
-                     k.evaluate(result.state, soup=len(result.kept) > 1),
+        verdict = k.judge(result.state, soup=len(result.kept) > 1)
+        return [Dish("greedy_soup", f"{GreedySoup.label} ({len(result.kept)} kept)", verdict.metrics,
                      [r["id"] for r in result.kept], result.state,
                      params={"n_ingredients": len(result.kept), "n_candidates": len(rows), "accept": accept,
-                             "trace": trace})]
+                             "trace": trace}, correct=verdict.correct)]

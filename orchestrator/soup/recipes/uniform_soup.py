@@ -15,5 +15,6 @@ class UniformSoup(Recipe):
     def cook(k, params, cooked):
         rows = k.loadable()
         state = merge.uniform_soup(k.load(r) for r in rows)
-        return [Dish("uniform_soup", UniformSoup.label, k.evaluate(state), [r["id"] for r in rows], state,
-                     params={"n_ingredients": len(rows)})]
+        verdict = k.judge(state)
+        return [Dish("uniform_soup", UniformSoup.label, verdict.metrics, [r["id"] for r in rows], state,
+                     params={"n_ingredients": len(rows)}, correct=verdict.correct)]

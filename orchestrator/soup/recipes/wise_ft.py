@@ -29,17 +29,18 @@ class WiseFT(Recipe):
         dishes = []
         for base_name in WiseFT.needs:
             base = cooked[base_name]
-            curve, mid_state = [], None
+            curve, mid_state, mid_correct = [], None, {}
             for alpha in alphas:
                 state = merge.interpolate(zero, base.weights, alpha)
                 mixed = 0 < alpha < 1 or (alpha == 1 and len(base.parents) > 1)  # else one model's own weights
-                curve.append({"alpha": alpha, **k.evaluate(state, soup=mixed)})
+                verdict = k.judge(state, soup=mixed)
+                curve.append({"alpha": alpha, **verdict.metrics})
                 if alpha == mid:
-                    mid_state = state
+                    mid_state, mid_correct = state, verdict.correct
             point = next(c for c in curve if c["alpha"] == mid)
             dishes.append(Dish("wise_ft", f"{WiseFT.label} {base.label.split(' (')[0]} a={mid:g}",
                                {m: v for m, v in point.items() if m != "alpha"},
                                [k.pretrained["id"], *base.parents], mid_state,
                                params={"alpha": mid, "base": base_name}, curve=curve,
-                               name=f"wise_ft_{base_name}"))
+                               name=f"wise_ft_{base_name}", correct=mid_correct))
         return dishes

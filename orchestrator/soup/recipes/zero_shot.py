@@ -12,4 +12,5 @@ class ZeroShot(Recipe):
     @staticmethod
     def cook(k, params, cooked):
         state = k.load(k.pretrained)
-        return [Dish("zero_shot", ZeroShot.label, k.evaluate(state, soup=False), [k.pretrained["id"]])]
+        verdict = k.judge(state, soup=False)
+        return [Dish("zero_shot", ZeroShot.label, verdict.metrics, [k.pretrained["id"]], correct=verdict.correct)]

@@ -70,6 +70,13 @@ class TaskData:
     val: str = "val"  # held-out set used only for soup selection
     id_test: str = "id_test"
     ood: list[str] = field(default_factory=list)
+    # the OOD sets that are synthetic corruptions of the ID test set (noise, rotation, blur),
+    # which fine-tuning itself tends to fix; every other OOD set is a natural shift
+    corruptions: list[str] = field(default_factory=list)
+
+    @property
+    def natural(self) -> list[str]:
+        return [n for n in self.ood if n not in self.corruptions]
 
     def __post_init__(self):
         wrap = lambda e: TensorExamples(*e) if isinstance(e, tuple) else e  # noqa: E731

@@ -217,4 +217,5 @@ class GlyphsTask(Task):
             "ood_blur": (blurred, y_test),
         }
         return TaskData(train=(x[train], y[train]), evals=evals,
-                        ood=["ood_fonts", "ood_noise", "ood_rotate", "ood_blur"])
+                        ood=["ood_fonts", "ood_noise", "ood_rotate", "ood_blur"],
+                        corruptions=["ood_noise", "ood_rotate", "ood_blur"])
