@@ -3,6 +3,7 @@ interventions make it robust, and where will it blow up?
 
     python -m orchestrator.lr_sensitivity                  # default preset, ~14 min on 2 cores
     python -m orchestrator.lr_sensitivity --preset quick   # about a minute
+    python -m orchestrator.lr_sensitivity --preset legacy  # the old default: 150 steps, 5 interventions
     python -m orchestrator.lr_sensitivity --skip-train --target-width 4096   # re-analyse the pool
     python -m orchestrator.lr_sensitivity settings.steps=400 grid.widths='[64, 128]'
 
@@ -48,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default=None,
                    help=f"study YAML: a path, or a shipped config's name ({', '.join(shipped_configs())}); "
                         f"default: {DEFAULT_CONFIG[:-5]}")
-    p.add_argument("--preset", default="default", help="a preset of the YAML: default or quick (default: default)")
+    p.add_argument("--preset", default="default", help="a preset of the YAML: default, quick or legacy (the default before issue 14) (default: default)")
     add_common_flags(p, default_pool="pool")
     p.add_argument("--target-width", type=int, default=None,
                    help="width to extrapolate the optimal LR and the attention-logit forecast to "
