@@ -49,11 +49,9 @@ a temp dir removed at the end (--keep to keep it).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -175,7 +173,7 @@ def child(args) -> int:
            "sd_bytes": sd_bytes, "base_rss": mem.base, "greedy_peak": split["greedy"], "final_eval_peak": mem.above,
            "eval_peak": eval_mem.above, "mem_method": mem.method, "threads": torch.get_num_threads(),
            "malloc": os.environ.get("MALLOC_MMAP_THRESHOLD_", "default")}
-    print("RESULT " + json.dumps(out))
+    common.print_result(out)
     return 0
 
 
@@ -247,12 +245,7 @@ def run_child(pool_dir: str, args, strict_malloc: bool) -> dict:
         env.pop(key, None)
     if strict_malloc:
         env.update(STRICT_MALLOC)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise SystemExit(f"bench_greedy: the measuring process for {pool_dir} failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
+    return common.run_child(cmd, env, f"bench_greedy: the measuring process for {pool_dir}")
 
 
 def main(argv=None) -> int:

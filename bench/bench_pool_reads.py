@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
-import subprocess
 import sys
 import time
 
@@ -175,19 +173,14 @@ def child(args) -> int:
         state = pool.load(row)
         total = sum(float(v.sum()) for v in state.values())  # a recipe touches every tensor
     del state
-    print("RESULT " + json.dumps({"loader": loader, "peak": mem.above, "file_bytes": size, "method": mem.method,
-                                  "finite": bool(torch.isfinite(torch.tensor(total)))}))
+    common.print_result({"loader": loader, "peak": mem.above, "file_bytes": size, "method": mem.method,
+                         "finite": bool(torch.isfinite(torch.tensor(total)))})
     return 0
 
 
 def measure_load(loader: str, path: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", loader, path]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=common.child_env())
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise SystemExit(f"bench_pool_reads: the {loader} load process failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
+    return common.run_child(cmd, common.child_env(), f"bench_pool_reads: the {loader} load process")
 
 
 def main(argv=None) -> int:
@@ -211,19 +204,14 @@ def main(argv=None) -> int:
     print()
     print(f"reads per cook: {cooks[0]['files']} weights files of {cooks[0]['file_bytes'] / 1024:.0f} KiB "
           f"(state dict {sd_bytes / 1024:.0f} KiB), {cooks[0]['dishes']} dishes; per ingredient file, in file sizes:")
-    head = f"{'loader':<7} {'storage reads':>13} {'rchar':>6} {'loads':>5} {'cook s':>7}"
-    print(head)
-    print("-" * len(head))
-    for c in cooks:
-        print(f"{c['loader']:<7} {c['reads']:>13.2f} {c['rchar']:>6.2f} {c['loads']:>5.2f} {c['seconds']:>7.2f}")
+    common.print_table(f"{'loader':<7} {'storage reads':>13} {'rchar':>6} {'loads':>5} {'cook s':>7}",
+                       [f"{c['loader']:<7} {c['reads']:>13.2f} {c['rchar']:>6.2f} {c['loads']:>5.2f} {c['seconds']:>7.2f}"
+                        for c in cooks])
     print()
     print(f"peak memory per load: a {loads[0]['file_bytes'] / mib:.0f} MiB weights file, loaded and every tensor "
           f"touched, fresh process each; peak RSS above the start ({loads[0]['method']}):")
-    head = f"{'loader':<7} {'peak MiB':>8} {'x file':>6}"
-    print(head)
-    print("-" * len(head))
-    for m in loads:
-        print(f"{m['loader']:<7} {m['peak'] / mib:>8.1f} {m['peak'] / m['file_bytes']:>6.2f}")
+    common.print_table(f"{'loader':<7} {'peak MiB':>8} {'x file':>6}",
+                       [f"{m['loader']:<7} {m['peak'] / mib:>8.1f} {m['peak'] / m['file_bytes']:>6.2f}" for m in loads])
     print()
     print(f"bench_pool_reads finished in {time.perf_counter() - t_start:.0f} s")
     return 0

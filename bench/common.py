@@ -244,6 +244,37 @@ def child_env(**more: str) -> dict[str, str]:
     return env
 
 
+RESULT = "RESULT "  # how a measuring child process prefixes its JSON line
+
+
+def print_result(result: dict[str, Any]) -> None:
+    """What a measuring child prints last: one line its parent finds (run_child)."""
+    import json
+
+    print(RESULT + json.dumps(result), flush=True)
+
+
+def run_child(cmd: list[str], env: dict[str, str], what: str) -> dict[str, Any]:
+    """Run a measuring child process (a fresh process: its peak memory is its own) and
+    return the result it printed; its output and a one-line exit if it failed."""
+    import json
+    import subprocess
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT)]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"{what} failed (exit {proc.returncode})")
+    return json.loads(lines[-1][len(RESULT):])
+
+
+def print_table(head: str, rows: list[str]) -> None:
+    print(head)
+    print("-" * len(head))
+    for row in rows:
+        print(row)
+
+
 def load() -> float:
     """The 1-minute load average (other users' jobs move every timing on a shared machine)."""
     return os.getloadavg()[0]

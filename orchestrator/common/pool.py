@@ -106,8 +106,7 @@ class Row:
 
 class Pool:
     def __init__(self, uri: str, create: bool = False):
-        self.unreadable: list[str] = []  # row files the last table() could not read: why, one line each
-        self.unreadable_paths: list[str] = []  # ... and their paths
+        self.unreadable: dict[str, str] = {}  # row files the last table() could not read -> why, one line
         self._warned: set[str] = set()
         self.bytes_read = 0  # weights bytes read from storage (hashing, downloading)
         self._verified: dict[str, tuple[str, tuple[int, int]]] = {}  # local file -> (sha256, (size, mtime))
@@ -202,8 +201,8 @@ class Pool:
     def table(self) -> pa.Table:
         """Every readable row. A row file that cannot be read (0 bytes or truncated: what a
         crash or a full disk leaves) is skipped with a warning naming it, and listed in
-        `self.unreadable`: one bad file never makes the pool unreadable."""
-        self.unreadable, self.unreadable_paths = [], []
+        `self.unreadable` (path -> why): one bad file never makes the pool unreadable."""
+        self.unreadable = {}
         manifest = f"{self.root}/manifest"
         if self.fs.get_file_info(manifest).type != pafs.FileType.Directory:
             return SCHEMA.empty_table()
@@ -211,13 +210,12 @@ class Pool:
                        if i.type == pafs.FileType.File and not i.base_name.startswith("."))  # hidden: being written
         with ThreadPoolExecutor(8) as pool:  # object stores answer many small reads at once
             tables = list(pool.map(self._read_row_file, paths))
-        self.unreadable_paths = [p for p, t in zip(paths, tables) if isinstance(t, str)]
         for path, table in zip(paths, tables):
             if isinstance(table, str):
                 if path not in self._warned:  # once per Pool: a command may read the table twice
                     log.warning("skipping unreadable pool row %s (%s)", path, table)
                     self._warned.add(path)
-                self.unreadable.append(f"{self.uri}: row {path} is unreadable ({table})")
+                self.unreadable[path] = f"{self.uri}: row {path} is unreadable ({table})"
         return pa.concat_tables([t for t in tables if not isinstance(t, str)] or [SCHEMA.empty_table()])
 
     def _read_row_file(self, path: str) -> pa.Table | str:
@@ -321,7 +319,7 @@ class Pool:
     def verify(self) -> list[str]:
         """Re-hash every weights file; returns one line per unreadable row, missing or corrupt file."""
         rows = self.table().to_pylist()
-        problems = list(self.unreadable)
+        problems = list(self.unreadable.values())
         self._verified.clear()  # verify reads everything again
         for row in rows:
             if not row["weights"]:
@@ -339,7 +337,7 @@ class Pool:
         a running sweep writes a trial's weights just before its row, and its temp files are
         in use."""
         referenced = {f"{self.root}/{w}" for w in self.table().column("weights").to_pylist() if w}
-        unreadable = set(self.unreadable_paths)
+        unreadable = set(self.unreadable)
         now_ns = time.time_ns()
         out = []
         for folder in ("manifest", "weights"):

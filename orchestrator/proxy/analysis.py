@@ -153,7 +153,8 @@ def per_seed_sensitivity(runs: pd.DataFrame) -> pd.DataFrame:
     behind the table's interval over seeds."""
     r = runs.copy()
     r["loss"] = np.where(r["diverged"], np.nan, r["final_loss"].astype(float))
-    rows = [{"intervention": i, "width": w, "seed": s, "lr_sensitivity": lr_sensitivity(g["loss"], g["init_loss"].mean())}
+    rows = [{"intervention": i, "width": w, "seed": s,
+             "lr_sensitivity": lr_sensitivity(g["loss"], g["init_loss"].mean())}
             for (i, w, s), g in r.groupby(["intervention", "width", "seed"], sort=True)]
     return pd.DataFrame(rows, columns=["intervention", "width", "seed", "lr_sensitivity"])
 

@@ -37,7 +37,8 @@ from orchestrator.proxy.config import DEFAULT_CONFIG, load_config, run_key
 
 CSVS = {"lr_sensitivity.csv": "table", "lr_transfer.csv": "transfer", "logit_forecast.csv": "forecast",
         "runs.csv": "runs", "loss_vs_lr.csv": "per_lr"}  # artifact -> table of study_tables
-FORMATS = {"lr_sensitivity": "{:.3f}", "lr_sensitivity_low": "{:.3f}", "lr_sensitivity_high": "{:.3f}", "optimal_lr": "{:.0e}", "optimal_lr_refined": "{:.1e}", "best_loss": "{:.3f}",
+FORMATS = {"lr_sensitivity": "{:.3f}", "lr_sensitivity_low": "{:.3f}", "lr_sensitivity_high": "{:.3f}",
+           "optimal_lr": "{:.0e}", "optimal_lr_refined": "{:.1e}", "best_loss": "{:.3f}",
            "init_loss": "{:.3f}", "max_attn_logit": "{:.3g}", "slope": "{:+.2f}", "intercept": "{:.2f}",
            "predicted_lr": "{:.1e}", "log10_lr_std": "{:.2f}", "largest_measured": "{:.3g}", "forecast": "{:.3g}",
            "lr": "{:g}"}
@@ -49,7 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default=None,
                    help=f"study YAML: a path, or a shipped config's name ({', '.join(shipped_configs())}); "
                         f"default: {DEFAULT_CONFIG[:-5]}")
-    p.add_argument("--preset", default="default", help="a preset of the YAML: default, quick or legacy (the default before issue 14) (default: default)")
+    p.add_argument("--preset", default="default",
+                   help="a preset of the YAML: default, quick or legacy (the default before issue 14; "
+                        "default: default)")
     add_common_flags(p, default_pool="pool")
     p.add_argument("--target-width", type=int, default=None,
                    help="width to extrapolate the optimal LR and the attention-logit forecast to "

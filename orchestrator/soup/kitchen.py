@@ -19,8 +19,8 @@ from orchestrator.common.errors import PoolError
 from orchestrator.common.pool import Pool
 from orchestrator.common.weights import StateDict, arch_fingerprint
 from orchestrator.soup.tasks.base import Task, TaskData
-from orchestrator.soup.train import (accuracy, batchnorm_buffers, device, load_into, predict_logits,
-                                     recompute_batchnorm, summarize)
+from orchestrator.soup.train import (batchnorm_buffers, device, load_into, predict_logits, recompute_batchnorm,
+                                     summarize)
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +146,9 @@ class Kitchen:
 
     def verdict(self, logits: dict[str, torch.Tensor]) -> Verdict:
         """Metrics and per-example correctness from each eval set's logits."""
-        correct = {n: (out.argmax(1) == self.data.evals[n].labels).numpy() for n, out in logits.items()}
-        acc = {n: accuracy(out, self.data.evals[n].labels) for n, out in logits.items()}
-        return Verdict(summarize(acc, self.data), correct)
+        hits = {n: out.argmax(1) == self.data.evals[n].labels for n, out in logits.items()}
+        acc = {n: h.float().mean().item() for n, h in hits.items()}  # as train.accuracy computes it
+        return Verdict(summarize(acc, self.data), {n: h.numpy() for n, h in hits.items()})
 
     def logits(self, eval_set: str):
         return predict_logits(self.task, self.model, self.data.evals[eval_set], precision=self.precision)

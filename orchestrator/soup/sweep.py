@@ -199,15 +199,15 @@ class SoupSweep:
         from orchestrator.soup.plots import soup_scatter
 
         uri, parent, kitchen = self.uri, self.parent, self.kitchen
+        groups = metric_sets(self.data)  # the summary's columns: which eval sets each metric averages
         with tempfile.TemporaryDirectory() as tmp:
             plot = soup_scatter(kitchen.ingredients, self.dishes, os.path.join(tmp, "soups_id_vs_ood.png"),
                                 f"{self.cfg['sweep']}: {len(kitchen.ingredients)} fine-tuned models and their soups "
-                                "(bars: 95% intervals)", metric_sets(self.data))
+                                "(bars: 95% intervals)", groups)
             tracking.log_file(uri, parent, plot)
             manifest = os.path.join(tmp, "manifest.parquet")
             self.pool.manifest()[lambda df: df.columns[:14]].to_parquet(manifest)
             tracking.log_file(uri, parent, manifest)
-        groups = metric_sets(self.data)  # the summary's columns: which eval sets each metric averages
         table = summary_table(self.dishes, groups)
         tracking.log_metrics(uri, parent, {**parent_metrics(self.dishes), **interval_metrics(self.dishes, groups)})
         tracking.log_text(uri, parent, table, "summary.txt")
