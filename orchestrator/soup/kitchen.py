@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ class Dish:
     params: dict[str, Any] = field(default_factory=dict)
     curve: list[dict[str, float]] = field(default_factory=list)  # metrics along the recipe's curve_x
     name: str = ""  # unique among one cook's dishes (metric prefixes); default: the recipe's name
+    # records too large or too nested for MLflow params (a greedy trace, per-tensor values):
+    # a JSON artifact of the dish's run, not pool hparams
+    details: dict[str, Any] = field(default_factory=dict)
     # per eval set, which examples it got right (Verdict.correct): the summary's intervals;
     # a dish without them is shown without intervals
     correct: dict[str, np.ndarray] = field(default_factory=dict)
@@ -155,6 +158,19 @@ class Kitchen:
 
     def val_acc(self, state: StateDict) -> float:
         return self.evaluate(state, [self.data.val])["val_acc"]
+
+    def pick_on_val(self, candidates: Iterable[tuple[float, StateDict]]) -> tuple[float, StateDict, list[dict]]:
+        """The (x, weights) candidate with the best held-out accuracy (the first of equals),
+        and every candidate's score; holds one candidate besides the best."""
+        best, trace = None, []
+        for x, state in candidates:
+            score = self.val_acc(state)
+            trace.append({"x": x, "val_acc": score})
+            if best is None or score > best[2]:
+                best = (x, state, score)
+        if best is None:
+            raise ValueError("no candidates to pick from")
+        return best[0], best[1], trace
 
 
 def check_cookable(kitchen: Kitchen) -> None:

@@ -60,3 +60,17 @@ def _panel(ax, trials: list[dict[str, Any]], dishes: list[Dish], y: str, groups:
     ax.set_xlabel("in-distribution accuracy (id_test)")
     ax.set_ylabel(f"{HEADINGS[y]} accuracy" + (f" ({', '.join(groups[y])})" if y in groups else ""))
     ax.grid(alpha=0.3)
+
+
+def per_tensor_histogram(values: dict[str, float], path: str, title: str, xlabel: str) -> str:
+    """A histogram of one number per tensor (e.g. Model Stock's t)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.hist(list(values.values()), bins=20, range=(0, 1), color="tab:brown", edgecolor="black")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("tensors")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -11,6 +11,7 @@ from orchestrator.common import tracking
 from orchestrator.common.pool import Pool, Row, safe_id
 from orchestrator.common.weights import StateDict, arch_fingerprint, digest
 from orchestrator.soup.kitchen import Dish
+from orchestrator.soup.plots import per_tensor_histogram
 from orchestrator.soup.recipes import RECIPES
 from orchestrator.soup.tasks.base import Task
 
@@ -28,7 +29,7 @@ class Publisher:
             self.serve_one(dish, sweep, task)
 
     def serve_one(self, dish: Dish, sweep: str, task: Task) -> None:
-        params = {k: v for k, v in dish.params.items() if k != "trace"}
+        params = dish.params
         tags = tracking.run_tags("recipe", self.parent, {tracking.RECIPE: dish.recipe, tracking.SWEEP: sweep})
         run_id = tracking.start_run(self.uri, self.experiment, dish.label, tags, params)
         tracking.log_metrics(self.uri, run_id, dish.metrics)
@@ -36,7 +37,15 @@ class Publisher:
         for point in dish.curve:  # MLflow steps are integers: the curve's x in hundredths
             tracking.log_metrics(self.uri, run_id, {f"curve_{k}": v for k, v in point.items() if k != curve_x},
                                  step=round(point[curve_x] * 100))
-        tracking.log_dict(self.uri, run_id, {"ingredients": dish.parents, **dish.params}, "ingredients.json")
+        tracking.log_dict(self.uri, run_id, {"ingredients": dish.parents, **dish.params, **dish.details},
+                          "ingredients.json")
+        histogram = RECIPES[dish.recipe].histogram
+        if histogram in dish.details:
+            with tempfile.TemporaryDirectory() as tmp:
+                values = dish.details[histogram]
+                tracking.log_file(self.uri, run_id, per_tensor_histogram(
+                    values, os.path.join(tmp, f"{histogram}.png"), f"{dish.label}: {histogram} over {len(values)} tensors",
+                    histogram))
         if RECIPES[dish.recipe].produces_weights and dish.weights is not None:
             soup_id = safe_id(f"{sweep}-{dish.recipe}-{digest(dish.parents, params)}")
             self.pool.add(Row(id=soup_id, kind="soup", sweep=sweep, task=task.name, status="ok",

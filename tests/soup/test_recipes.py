@@ -70,6 +70,18 @@ def test_needs_are_pulled_in_before_the_recipe_that_needs_them():
     ("soup.recipes=[]", "soup.recipes: must name at least one recipe"),
     ("soup.greedy_accept=maybe", "soup.greedy_accept: must be '>=' or '>', got 'maybe'"),
     ("soup.wise_ft_alphas=[0.5, 2]", "soup.wise_ft_alphas: each alpha must be a number in [0, 1], got 2"),
+    ("soup.wise_ft_alphas=[]", "soup.wise_ft_alphas: must list at least one alpha"),
+    ("soup.task_arithmetic_lambdas=[0.1, -0.2]", "soup.task_arithmetic_lambdas: each lambda must be a number >= 0, got -0.2"),
+    ("soup.ties_lambdas=[one]", "soup.ties_lambdas: each lambda must be a number >= 0, got 'one'"),
+    ("soup.ties_k=0", "soup.ties_k: must be in (0, 1], got 0"),
+    ("soup.ties_k=1.5", "soup.ties_k: must be in (0, 1], got 1.5"),
+    ("soup.ties_k=lots", "soup.ties_k: expected float"),
+    ("soup.ties_trim=layer", "soup.ties_trim: must be 'tensor' or 'global', got 'layer'"),
+    ("soup.dare_p=1", "soup.dare_p: must be in [0, 1), got 1"),
+    ("soup.dare_p=-0.1", "soup.dare_p: must be in [0, 1), got -0.1"),
+    ("soup.dare_merge=sum", "soup.dare_merge: must be 'ties' or 'task_arithmetic', got 'sum'"),
+    ("soup.dare_rescale=l2", "soup.dare_rescale: must be 'exact' or 'l1', got 'l2'"),
+    ("soup.dare_seed=0.5", "soup.dare_seed: expected int"),
 ])
 def test_recipe_settings_are_validated_from_declarations(override, message):
     with pytest.raises(ConfigError) as info:

@@ -51,12 +51,37 @@ def test_pool_holds_pretrained_trials_and_soups(swept):
     assert all(len(h) >= 1 for h in trials["history"])  # per-epoch history kept for replay
     soups = df[df["kind"] == "soup"]
     recipes = sorted(h["recipe"] for h in soups["hparams"])
-    makers = [r for r in default_recipes() if RECIPES[r].produces_weights and r != "wise_ft"]
-    assert recipes == sorted([*makers, "wise_ft", "wise_ft"])  # one soup each; WiSE-FT one per base
+    greedy_kept = len(next(r["parents"] for _, r in soups.iterrows() if r["hparams"]["recipe"] == "greedy_soup"))
+    per_recipe = {"wise_ft": 2, "model_stock": 1 + (greedy_kept >= 2)}  # one per base; all and the greedy's
+    makers = [r for r in default_recipes() if RECIPES[r].produces_weights]
+    assert recipes == sorted(r for r in makers for _ in range(per_recipe.get(r, 1)))
     uniform = soups[[h["recipe"] == "uniform_soup" for h in soups["hparams"]]].iloc[0]
     assert sorted(uniform["parents"]) == sorted(trials["id"])
     assert (soups["mlflow_run_id"] != "").all()
     assert Pool(str(root / "pool")).verify() == []
+
+
+def test_task_vector_merges_record_how_they_were_made(swept):
+    root, uri, _ = swept
+    soups = Pool(str(root / "pool")).manifest().query("kind == 'soup'")
+    made = {h["recipe"]: h for h in soups["hparams"]}
+    assert made["ties"]["k"] == 0.2 and made["ties"]["trim"] == "tensor" and made["ties"]["sign_tie"] == "+1"
+    assert made["ties"]["lambda"] in load_config()["soup"]["ties_lambdas"]
+    assert {made["dare"][k] for k in ("p", "merge", "rescale", "seed")} == {0.5, "ties", "exact", 0}
+    assert made["task_arithmetic"]["lambda"] in load_config()["soup"]["task_arithmetic_lambdas"]
+    stocks = {h["from"]: h for h in soups["hparams"] if h["recipe"] == "model_stock"}
+    assert stocks["all"]["n_ingredients"] == 3 and 0 <= stocks["all"]["t_median"] <= 1
+    client, by_role = runs_by_role(uri)
+    runs = {r.data.tags["orchestrator.recipe"]: r for r in by_role["recipe"]}
+    arithmetic = client.get_metric_history(runs["task_arithmetic"].info.run_id, "curve_val_acc")
+    assert len(arithmetic) == len(load_config()["soup"]["task_arithmetic_lambdas"])
+    stock = runs["model_stock"].info.run_id  # either of its dishes: both draw their t
+    assert {"ingredients.json", "t_per_tensor.png"} <= {a.path for a in client.list_artifacts(stock)}
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    t = mlflow.artifacts.load_dict(f"runs:/{stock}/ingredients.json")["t_per_tensor"]
+    assert len(t) > 4 and all(0 <= v <= 1 for v in t.values())
 
 
 def test_greedy_soup_not_worse_than_best_individual_on_val(swept):
@@ -134,7 +159,8 @@ def test_recipes_subset_cooks_only_those_and_what_they_need(swept, capsys):
 def test_terminal_output_is_progress_and_summary_only():
     out = swept.stdout
     lines = out.strip().splitlines()
-    assert len(lines) < 35, out  # 3 trials: progress lines, the table, where things are
+    dishes = int(next(line for line in lines if line.startswith("cooked ")).split()[1])
+    assert len(lines) < 20 + 2 * dishes, out  # 3 trials: progress lines, the two tables, where things are
     assert sum(line.startswith("[") and "/3 " in line for line in lines) == 3  # one line per finished trial
     assert "greedy soup" in out and "log:" in out
     for noise in ("Trial status", "╭", "snapshotting", "Checkpoint successfully", "tensorboard", "type hints"):

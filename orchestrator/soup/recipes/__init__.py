@@ -32,6 +32,21 @@ class Param:
     check: Callable[[Any], str | None] = lambda value: None  # why a value is wrong, or None
 
 
+def grid_rule(what: str, low: float, high: float | None = None) -> Callable[[Any], str | None]:
+    """A Param check for a non-empty list of numbers in [low, high] (a grid searched on held-out)."""
+    from orchestrator.common.config import is_number
+
+    span = f"[{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+
+    def rule(values) -> str | None:
+        if not values:
+            return f"must list at least one {what}"
+        bad = next((v for v in values if not is_number(v) or v < low or (high is not None and v > high)), None)
+        return None if bad is None else f"each {what} must be a number {'in ' if high is not None else ''}{span}, got {bad!r}"
+
+    return rule
+
+
 @dataclass(frozen=True)
 class Marker:
     """How the ID-vs-OOD plot draws a recipe's point."""
@@ -50,6 +65,7 @@ class Recipe:
     produces_weights: ClassVar[bool] = False  # new weights: stored in the pool and as an MLflow model
     marker: ClassVar[Marker | None] = None  # a point on the plot ...
     curve_x: ClassVar[str | None] = None  # ... or a curve over this parameter (Dish.curve)
+    histogram: ClassVar[str | None] = None  # a Dish.details key of per-tensor values, drawn for the dish's run
     reference: ClassVar[bool] = False  # the dish the summary's paired differences are measured against
 
     @staticmethod

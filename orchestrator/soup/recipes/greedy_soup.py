@@ -25,5 +25,5 @@ class GreedySoup(Recipe):
         verdict = k.judge(result.state, soup=len(result.kept) > 1)
         return [Dish("greedy_soup", f"{GreedySoup.label} ({len(result.kept)} kept)", verdict.metrics,
                      [r["id"] for r in result.kept], result.state,
-                     params={"n_ingredients": len(result.kept), "n_candidates": len(rows), "accept": accept,
-                             "trace": trace}, correct=verdict.correct)]
+                     params={"n_ingredients": len(result.kept), "n_candidates": len(rows), "accept": accept},
+                     details={"trace": trace}, correct=verdict.correct)]

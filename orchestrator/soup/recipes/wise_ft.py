@@ -1,22 +1,16 @@
 """WiSE-FT (Wortsman et al., CVPR 2022): interpolate from the zero-shot weights towards
 the best individual and towards the greedy soup, (1 - alpha) * zero-shot + alpha * fine-tuned."""
 
-from orchestrator.common.config import is_number
 from orchestrator.soup import merge
 from orchestrator.soup.kitchen import Dish
-from orchestrator.soup.recipes import Param, Recipe, register
-
-
-def _alphas_rule(alphas):
-    bad = next((a for a in alphas if not is_number(a) or not 0 <= a <= 1), None)
-    return None if bad is None else f"each alpha must be a number in [0, 1], got {bad!r}"
+from orchestrator.soup.recipes import Param, Recipe, grid_rule, register
 
 
 @register
 class WiseFT(Recipe):
     name, label, position = "wise_ft", "WiSE-FT", 60
     params = (Param("wise_ft_alphas", list, [round(0.1 * i, 1) for i in range(11)],
-                    "alphas of the curve; the table shows the one nearest 0.5", _alphas_rule),)
+                    "alphas of the curve; the table shows the one nearest 0.5", grid_rule("alpha", 0, 1)),)
     needs = ("best_individual", "greedy_soup")
     produces_weights = True
     curve_x = "alpha"

@@ -1,0 +1,42 @@
+"""Model Stock (Jang et al., ECCV 2024): per tensor, move from theta_0 towards the fine-tunes'
+mean by t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of their task vectors.
+No held-out evaluation chooses anything; cooked over all ingredients and over the greedy
+soup's (the paper: a few fine-tunes rival a greedy soup of many)."""
+
+import logging
+
+from orchestrator.soup import task_vectors
+from orchestrator.soup.kitchen import Dish
+from orchestrator.soup.recipes import Marker, Recipe, register
+
+log = logging.getLogger(__name__)
+
+
+@register
+class ModelStock(Recipe):
+    name, label, position = "model_stock", "Model Stock", 100
+    needs = ("greedy_soup",)
+    produces_weights = True
+    marker = Marker("^", "tab:brown", 120)
+    histogram = "t_per_tensor"
+
+    @staticmethod
+    def cook(k, params, cooked):
+        rows = k.loadable()
+        kept = set(cooked["greedy_soup"].parents)
+        dishes = []
+        for name, which, chosen in (("model_stock", "all", rows),
+                                    ("model_stock_greedy", "greedy soup's", [r for r in rows if r["id"] in kept])):
+            if len(chosen) < 2:
+                log.warning("%s: the %s ingredients are %d model(s); Model Stock needs 2 or more", name, which,
+                            len(chosen))
+                continue
+            stock = task_vectors.model_stock(k.load(k.pretrained), chosen, k.load)
+            verdict = k.judge(stock.state)
+            ts = sorted(stock.t.values())
+            dishes.append(Dish("model_stock", f"{ModelStock.label} ({which} {len(chosen)})", verdict.metrics,
+                               [r["id"] for r in chosen], stock.state,
+                               params={"from": which, "n_ingredients": len(chosen),
+                                       "t_median": ts[len(ts) // 2]},
+                               details={"t_per_tensor": stock.t}, name=name, correct=verdict.correct))
+        return dishes

@@ -1,0 +1,41 @@
+"""TIES merging (Yadav et al., NeurIPS 2023): trim each task vector to its largest entries,
+elect a sign per entry, average only the entries that agree, scale by lambda (picked on
+the held-out split) and add to theta_0."""
+
+from orchestrator.soup import task_vectors
+from orchestrator.soup.kitchen import Dish
+from orchestrator.soup.recipes import Marker, Param, Recipe, grid_rule, register
+
+LAMBDAS = Param("ties_lambdas", list, [0.5, 0.75, 1.0, 1.5, 2.0],
+                "lambdas on the merged task vector (a mean, so 1 is the natural scale; the paper searches "
+                "0.8..2.5); picked on held-out", grid_rule("lambda", 0))
+
+
+@register
+class Ties(Recipe):
+    name, label, position = "ties", "TIES", 80
+    params = (
+        Param("ties_k", float, 0.2, "fraction of each task vector's entries kept by magnitude",
+              lambda v: None if 0 < v <= 1 else f"must be in (0, 1], got {v}"),
+        Param("ties_trim", str, "tensor", "trim the top k per tensor ('tensor', as mergekit) or over the "
+              "whole model ('global', the original)",
+              lambda v: None if v in ("tensor", "global") else f"must be 'tensor' or 'global', got {v!r}"),
+        LAMBDAS,
+    )
+    produces_weights = True
+    marker = Marker("X", "tab:cyan", 140)
+
+    @staticmethod
+    def cook(k, params, cooked):
+        rows = k.loadable()
+        zero = k.load(k.pretrained)
+        trim = task_vectors.magnitude_trim(params["ties_k"], params["ties_trim"])
+        delta = task_vectors.ties_delta(zero, rows, k.load, trim)
+        lam, state, trace = k.pick_on_val((lam, task_vectors.apply(zero, delta, lam))
+                                          for lam in sorted(params["ties_lambdas"]))
+        verdict = k.judge(state)
+        return [Dish("ties", f"{Ties.label} k={params['ties_k']:g} l={lam:g}", verdict.metrics,
+                     [r["id"] for r in rows], state,
+                     params={"k": params["ties_k"], "trim": params["ties_trim"], "sign_tie": "+1", "lambda": lam,
+                             "n_ingredients": len(rows)},
+                     details={"lambda_trace": trace}, correct=verdict.correct)]
