@@ -53,7 +53,7 @@ from orchestrator.common.weights import StateDict
 
 log = logging.getLogger(__name__)
 
-KINDS = ("pretrained", "trial", "soup", "proxy")
+KINDS = ("pretrained", "trial", "soup", "proxy", "fisher")  # fisher: a trial's diagonal Fisher, its parent
 STATUSES = ("ok", "diverged", "failed")
 
 SCHEMA = pa.schema([

@@ -90,6 +90,9 @@ class Kitchen:
             else:
                 usable.append(row)
         self.ingredients = sorted(usable, key=lambda r: (-r["metrics"]["val_acc"], r["id"]))
+        # each trial's diagonal Fisher (soup/fisher.py), by trial id: a row whose parent is the trial
+        fishers = df[(df["kind"] == "fisher") & (df["status"] == "ok")].to_dict("records")
+        self.fishers = {r["parents"][0]: r for r in fishers if len(r["parents"])}
         self._loadable = None
 
     def compatible(self, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -128,6 +131,10 @@ class Kitchen:
         if arch_fingerprint(state) != self.arch:
             raise ValueError(f"ingredient {row['id']}: weights do not match its architecture fingerprint")
         return {k: v.to(self.device) for k, v in state.items()}
+
+    def load_fisher(self, row: dict[str, Any]) -> StateDict:
+        """An ingredient's diagonal Fisher, on the device."""
+        return {k: v.to(self.device) for k, v in self.pool.load(self.fishers[row["id"]]).items()}
 
     def evaluate(self, state: StateDict, sets: list[str] | None = None, soup: bool = True) -> dict[str, float]:
         """Accuracy on the named eval sets (default all). Averaged weights (`soup`) of a model

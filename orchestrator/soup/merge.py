@@ -117,3 +117,35 @@ def mean_logits(logits: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Te
     if total is None:
         raise ValueError("ensemble of no members")
     return {k: v / n for k, v in total.items()}
+
+
+def fisher_average(items: Sequence[T], load: Callable[[T], StateDict], load_fisher: Callable[[T], StateDict],
+                   floor: float = 1e-6, normalize: bool = False) -> StateDict:
+    """Fisher-weighted averaging (Matena & Raffel, NeurIPS 2022): per parameter entry,
+    sum_i F_i theta_i / sum_i F_i, each F_i floored at `floor` (so an entry no model's Fisher
+    covers falls back to the plain mean) and, with `normalize`, first divided by its L2
+    norm over the whole model (models with larger Fisher values do not dominate).
+    Tensors without a Fisher (BatchNorm statistics) are plainly averaged, integer ones
+    taken from the first model. Running sums: one model and its Fisher in memory."""
+    num: StateDict = {}
+    den: StateDict = {}
+    first: StateDict | None = None
+    for item in items:
+        state, fisher = load(item), load_fisher(item)
+        if first is None:
+            first = state
+        else:
+            check_compatible(first, state)
+        scale = 1.0
+        if normalize:
+            scale = 1.0 / max(float(torch.sqrt(sum(f.double().pow(2).sum() for f in fisher.values()))), 1e-30)
+        for k, v in state.items():
+            if not v.is_floating_point():
+                continue
+            w = (fisher[k].float() * scale).clamp(min=floor) if k in fisher else torch.ones((), dtype=torch.float32)
+            acc = torch.promote_types(v.dtype, torch.float32)
+            num[k] = num[k] + w * v.to(acc) if k in num else w * v.to(acc)
+            den[k] = den[k] + w if k in den else w
+    if first is None:
+        raise ValueError("Fisher average of no ingredients")
+    return {k: (num[k] / den[k]).to(v.dtype) if k in num else v.clone() for k, v in first.items()}

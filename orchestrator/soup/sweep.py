@@ -30,7 +30,7 @@ from orchestrator.soup.config import DEFAULT_CONFIG, load_config, make_task
 from orchestrator.soup.kitchen import Kitchen, check_cookable
 from orchestrator.soup.pretrained import ensure_pretrained
 from orchestrator.soup.publish import Publisher, parent_metrics
-from orchestrator.soup.recipes import RECIPES, cook, default_recipes, ordered
+from orchestrator.soup.recipes import RECIPES, cook, default_recipes, ordered, unavailable
 from orchestrator.soup.summary import interval_metrics, summary_table
 from orchestrator.soup.train import metric_sets
 
@@ -98,8 +98,20 @@ class SoupSweep:
             raise PoolError(f"{self.pool.uri}: no pretrained weights for task {self.task.name} "
                             f"({self.task.pretrained_id()}), so nothing to cook from; "
                             "run a sweep without --skip-train first")
+        self.recipes = ordered(self.cfg["soup"]["recipes"])
         if args.skip_train:  # a pool with nothing to cook is an error before MLflow is touched
             check_cookable(self.make_kitchen())
+            self.check_recipes(self.kitchen)
+
+    def check_recipes(self, kitchen: Kitchen) -> None:
+        """Recipes that cannot cook from this pool (e.g. fisher without Fisher estimates): an error
+        when soup.recipes names them, left out with one line when they came with the default list."""
+        asked = self.cfg["soup"]["recipes"]
+        for name, why in unavailable(kitchen, self.recipes).items():
+            if asked != default_recipes():
+                raise UserError(f"soup.recipes: {name} cannot cook from {self.pool.uri}: {why}")
+            print(f"not cooking {name}: {why}")
+            self.recipes.remove(name)
 
     def setup(self) -> None:
         """The shared starting weights, and the sweep's MLflow parent run."""
@@ -134,7 +146,8 @@ class SoupSweep:
                            cpus_per_trial=int(max(1, res["cpu"])), task_name=self.task.name,
                            task_settings=self.task.model_settings(), pretrained_id=self.pretrained["id"],
                            data_key=self.task.data_key(), reusable={} if args.retrain else self.reusable_trials(),
-                           precision=cfg["precision"], resources=dict(res), storage=args.storage)
+                           precision=cfg["precision"], resources=dict(res), storage=args.storage,
+                           fisher_examples=cfg["soup"]["fisher_examples"] if "fisher" in self.recipes else 0)
         run = tune.TuneRun(
             name=self.run_name, storage=args.storage,
             trainable=ray_tune.with_parameters(run_trial, ctx=ctx, data=self.data),
@@ -181,13 +194,14 @@ class SoupSweep:
 
     def cook(self) -> None:
         asked = self.cfg["soup"]["recipes"]
-        names = ordered(asked)
+        if not self.kitchen:  # made after training: it reads the pool's trials
+            self.check_recipes(self.make_kitchen())
+        kitchen, names = self.kitchen, self.recipes
         pulled = [n for n in names if n not in asked]
         if pulled:
             print(f"soup.recipes: also cooking {', '.join(pulled)} (needed by "
                   f"{', '.join(n for n in asked if set(RECIPES[n].needs) & set(pulled))})")
         print("cooking soups from the pool ...", flush=True)
-        kitchen = self.kitchen or self.make_kitchen()  # made after training: it reads the pool's trials
         t_cook = time.time()
         self.dishes = cook(kitchen, names, self.cfg["soup"])
         print(f"cooked {len(self.dishes)} dishes on {kitchen.device.type} in {time.time() - t_cook:.1f} s", flush=True)

@@ -15,6 +15,7 @@ from orchestrator.common.pool import Row
 from orchestrator.common.trial import Reporter, Trial, TrialContext, maybe_crash
 from orchestrator.common.tune import storage_fs
 from orchestrator.common.weights import arch_fingerprint, digest
+from orchestrator.soup.fisher import diagonal_fisher, fisher_row_id
 from orchestrator.soup.tasks import TASKS
 from orchestrator.soup.tasks.base import TaskData
 from orchestrator.soup.train import HPARAMS, FineTune, evaluate
@@ -32,6 +33,7 @@ class SweepContext(TrialContext):
     resources: dict[str, Any] = field(default_factory=lambda: {"cpu": 1, "gpu": 0, "workers": 1})
     storage: str = ""  # Tune storage; data-parallel trials keep their Ray Train runs under it
     reusable: dict[str, str] = field(default_factory=dict)  # trial_definition -> id of an ok trial in the pool
+    fisher_examples: int = 0  # > 0: estimate the diagonal Fisher at the end (the fisher recipe's input)
 
 
 def trial_definition(start_point: str, data_key: str, hp: dict[str, Any]) -> str:
@@ -133,8 +135,22 @@ def fine_tune(hp: dict[str, Any], ctx: SweepContext, data: TaskData, trial: Tria
         trial.mlflow.metrics(metrics, step=run.epoch)
         report = {**metrics, "epoch": run.epoch, "diverged": 0.0}
         if run.done:  # final epoch: publish to the pool before the last report
+            if ctx.fisher_examples:  # before the trial's row: a finished trial has its Fisher
+                metrics["fisher_seconds"] = store_fisher(task, run, data, ctx, trial)
             weights = run.weights()
             trial.publish(row("ok", metrics, arch_fingerprint(weights)), weights)
             report["ingredient_id"] = trial.id
         trial.report(report, run)
         maybe_crash(trial.id, run.epoch)
+
+
+def store_fisher(task, run: FineTune, data: TaskData, ctx: SweepContext, trial: Trial) -> float:
+    """The trained model's diagonal Fisher into the pool, as a row whose parent is the trial;
+    returns the seconds it took."""
+    t0 = time.time()
+    fisher = diagonal_fisher(task, run.model, data.train, ctx.fisher_examples, precision=ctx.precision)
+    seconds = time.time() - t0
+    trial.pool.add(Row(id=fisher_row_id(trial.id), kind="fisher", sweep=ctx.sweep, task=task.name, status="ok",
+                       hparams={"examples": min(ctx.fisher_examples, len(data.train)), "seed": 0},
+                       metrics={"seconds": seconds}, parents=[trial.id], arch=arch_fingerprint(fisher)), fisher)
+    return seconds

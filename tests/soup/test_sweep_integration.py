@@ -55,6 +55,9 @@ def test_pool_holds_pretrained_trials_and_soups(swept):
     per_recipe = {"wise_ft": 2, "model_stock": 1 + (greedy_kept >= 2)}  # one per base; all and the greedy's
     makers = [r for r in default_recipes() if RECIPES[r].produces_weights]
     assert recipes == sorted(r for r in makers for _ in range(per_recipe.get(r, 1)))
+    fishers = df[df["kind"] == "fisher"]  # each trial's diagonal Fisher, the fisher recipe's input
+    assert sorted(p[0] for p in fishers["parents"]) == sorted(trials["id"])
+    assert all(h["examples"] == 256 for h in fishers["hparams"])
     uniform = soups[[h["recipe"] == "uniform_soup" for h in soups["hparams"]]].iloc[0]
     assert sorted(uniform["parents"]) == sorted(trials["id"])
     assert (soups["mlflow_run_id"] != "").all()
@@ -160,7 +163,7 @@ def test_terminal_output_is_progress_and_summary_only():
     out = swept.stdout
     lines = out.strip().splitlines()
     dishes = int(next(line for line in lines if line.startswith("cooked ")).split()[1])
-    assert len(lines) < 20 + 2 * dishes, out  # 3 trials: progress lines, the two tables, where things are
+    assert len(lines) < 24 + 2 * dishes, out  # 3 trials: progress lines, the two tables, where things are
     assert sum(line.startswith("[") and "/3 " in line for line in lines) == 3  # one line per finished trial
     assert "greedy soup" in out and "log:" in out
     for noise in ("Trial status", "╭", "snapshotting", "Checkpoint successfully", "tensorboard", "type hints"):
@@ -186,6 +189,24 @@ def test_running_the_sweep_again_reuses_its_trials(swept, capsys):
     assert sorted(after["id"]) == sorted(before["id"])  # no trial trained again, the same soups
     _, by_role = runs_by_role(uri)
     assert len(by_role["trial"]) == 3 and "same weights as" not in out
+
+
+def test_fisher_asked_for_a_pool_without_fishers_is_a_clear_error(swept, tmp_path, capsys):
+    import shutil
+
+    root, _, args = swept
+    older = tmp_path / "older_pool"  # as a pool from before Fisher estimates: the same rows minus those
+    shutil.copytree(root / "pool", older)
+    for row in (older / "manifest").glob("*.fisher.parquet"):
+        row.unlink()
+    uri = f"sqlite:///{tmp_path}/fresh.db"
+    pool_at = args.index("--pool") + 1
+    again = [*args[:pool_at], str(older), *args[pool_at + 1:], "--tracking-uri", uri, "--skip-train"]
+    assert soup_sweep.main(again + ["soup.recipes=[uniform_soup, fisher]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: soup.recipes: fisher cannot cook from {older}: no ingredient has a Fisher")
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "fresh.db").exists() or MlflowClient(uri).get_experiment_by_name("tiny") is None
 
 
 def test_skip_train_on_a_fresh_folder_is_a_clear_error(tmp_path, capsys):

@@ -69,6 +69,12 @@ class Recipe:
     reference: ClassVar[bool] = False  # the dish the summary's paired differences are measured against
 
     @staticmethod
+    def check(k: Kitchen) -> str | None:
+        """Why this recipe cannot cook from this kitchen's pool (e.g. it lacks what the recipe
+        reads), or None; asked before anything is cooked."""
+        return None
+
+    @staticmethod
     def cook(k: Kitchen, params: dict[str, Any], cooked: dict[str, Dish]) -> list[Dish]:
         raise NotImplementedError
 
@@ -100,6 +106,11 @@ def ordered(names) -> list[str]:
         out.append(ready)
         pending.remove(ready)
     return out
+
+
+def unavailable(kitchen: Kitchen, names: list[str]) -> dict[str, str]:
+    """The named recipes that cannot cook from this kitchen, and why (Recipe.check)."""
+    return {name: why for name in names if (why := RECIPES[name].check(kitchen))}
 
 
 def default_recipes() -> list[str]:
