@@ -27,7 +27,12 @@ BASE: dict[str, Any] = {
     "resources": {"cpu": 1.0, "gpu": 0.0, "workers": 1},  # per worker; workers > 1: data-parallel Ray Train
     "precision": "auto",  # auto: bf16 autocast on GPUs that support it, fp32 elsewhere; or fp32, bf16
     "hyperparameters": {},  # name -> constant or distribution; see config.DISTRIBUTIONS
+    # cooking: each recipe a unit of Ray work on `workers` actors (0: in the driver process),
+    # each asking for `resources`; `selection: held_out` measures candidates (WiSE-FT and
+    # lambda grids) on the held-out split only and every eval set only for the final dishes
+    "cook": {"workers": 2, "resources": {"cpu": 1.0, "gpu": 0.0}, "selection": "all"},
 }
+SELECTIONS = ("all", "held_out")
 FREE_FORM = ("task", "hyperparameters", "evals")  # mappings of user-chosen names
 
 
@@ -55,6 +60,7 @@ def validate(raw: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
     check(cfg["precision"] in PRECISIONS, source, "precision",
           f"must be one of {', '.join(PRECISIONS)}, got {cfg['precision']!r}")
     _check_soup(cfg["soup"], source)
+    _check_cook(cfg["cook"], source)
     for name, spec in cfg["hyperparameters"].items():
         check_hparam(name, spec, HPARAMS, source)
     mixup = cfg["hyperparameters"].get("mixup", 0)
@@ -98,6 +104,15 @@ def _check_soup(soup: dict[str, Any], source: str) -> None:
     for name, param in all_params().items():
         problem = param.check(soup[name])
         check(problem is None, source, f"soup.{name}", problem or "")
+
+
+def _check_cook(cook: dict[str, Any], source: str) -> None:
+    check(isinstance(cook["workers"], int) and cook["workers"] >= 0, source, "cook.workers",
+          f"must be an integer >= 0 (0: cook in the driver), got {cook['workers']!r}")
+    for key, value in cook["resources"].items():
+        check(is_number(value) and value >= 0, source, f"cook.resources.{key}", f"must be a number >= 0, got {value!r}")
+    check(cook["selection"] in SELECTIONS, source, "cook.selection",
+          f"must be one of {', '.join(SELECTIONS)}, got {cook['selection']!r}")
 
 
 def task_settings(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -61,9 +61,12 @@ class Kitchen:
     """What recipes share: usable ingredients (best first), weight loading and evaluation."""
 
     def __init__(self, pool: Pool, task: Task, data: TaskData, sweep: str | None, settings: dict[str, Any]):
-        """`settings`: the config's `precision` and `soup.bn_batches`."""
+        """`settings`: the config's `precision`, `soup.bn_batches` and (optional) `cook.selection`."""
         self.pool, self.task, self.data = pool, task, data
         self.precision, self.bn_batches = settings["precision"], settings["bn_batches"]
+        # "all": curves (WiSE-FT, task arithmetic) are measured on every eval set at every point;
+        # "held_out": candidates on the held-out split only, every eval set for the final dishes
+        self.full_curves = settings.get("selection", "all") == "all"
         self.device = device()  # soups are mixed and evaluated on the GPU when there is one
         self.model = task.build_model().to(self.device)
         self.bn_buffers = batchnorm_buffers(self.model)

@@ -43,7 +43,7 @@ def _panel(ax, trials: list[dict[str, Any]], dishes: list[Dish], y: str, groups:
         recipe = RECIPES[dish.recipe]
         if y not in dish.metrics:
             continue
-        if recipe.curve_x and dish.curve:
+        if recipe.curve_x and dish.curve and all("id_acc" in c and y in c for c in dish.curve):
             x = [c[recipe.curve_x] for c in dish.curve]
             ax.plot([c["id_acc"] for c in dish.curve], [c[y] for c in dish.curve], "--o", ms=3, lw=1,
                     label=f"{dish.label}; curve: {recipe.curve_x} {min(x):g}..{max(x):g}")

@@ -21,12 +21,15 @@ import sys
 import tempfile
 import time
 
+import torch
+
 from orchestrator.common import tracking, tune
 from orchestrator.common.cli import add_common_flags, route_library_output, run_main
 from orchestrator.common.config import search_space, shipped_configs
 from orchestrator.common.errors import PoolError, UserError
 from orchestrator.common.pool import Pool, Row
 from orchestrator.soup.config import DEFAULT_CONFIG, load_config, make_task
+from orchestrator.soup.cooking import KitchenSpec, cook_on_ray
 from orchestrator.soup.kitchen import Kitchen, check_cookable
 from orchestrator.soup.pretrained import ensure_pretrained
 from orchestrator.soup.publish import Publisher, parent_metrics
@@ -86,7 +89,7 @@ class SoupSweep:
         self.data = self.task.data()  # the user's files are read and checked here
         self.uri = tracking.resolve_uri(args.tracking_uri)
         tracking.check_reachable(self.uri)
-        if not args.skip_train:
+        if not args.skip_train or self.cfg["cook"]["workers"]:
             tune.check_address(args.address)
             tune.storage_fs(args.storage)  # a malformed storage URI is an input error too
         if args.resume:
@@ -188,8 +191,7 @@ class SoupSweep:
                 if len(r["parents"]) and r["parents"][0] == start and r.get("data_key") == key}
 
     def make_kitchen(self) -> Kitchen:
-        self.kitchen = Kitchen(self.pool, self.task, self.data, sweep=self.cfg["sweep"],
-                               settings={"precision": self.cfg["precision"], "bn_batches": self.cfg["soup"]["bn_batches"]})
+        self.kitchen = Kitchen(self.pool, self.task, self.data, sweep=self.cfg["sweep"], settings=self.kitchen_settings())
         return self.kitchen
 
     def cook(self) -> None:
@@ -201,10 +203,41 @@ class SoupSweep:
         if pulled:
             print(f"soup.recipes: also cooking {', '.join(pulled)} (needed by "
                   f"{', '.join(n for n in asked if set(RECIPES[n].needs) & set(pulled))})")
-        print("cooking soups from the pool ...", flush=True)
-        t_cook = time.time()
-        self.dishes = cook(kitchen, names, self.cfg["soup"])
-        print(f"cooked {len(self.dishes)} dishes on {kitchen.device.type} in {time.time() - t_cook:.1f} s", flush=True)
+        where = self.cook_where()
+        print(f"cooking {len(names)} recipes from the pool {where} ...", flush=True)
+        t_cook, count = time.time(), iter(range(1, len(names) + 1))
+
+        def done(name: str, dishes: list, seconds: float) -> None:
+            print(f"  [{next(count)}/{len(names)} {time.time() - t_cook:4.0f}s] {name}: "
+                  f"{len(dishes)} dish{'es' if len(dishes) != 1 else ''} in {seconds:.1f} s", flush=True)
+
+        spec = self.cfg["cook"]
+        if spec["workers"] == 0:
+            torch.set_num_threads(self.kitchen_spec().threads)  # as in a worker: the same arithmetic
+            self.dishes = cook(kitchen, names, self.cfg["soup"], done)
+        else:
+            self.dishes = cook_on_ray(self.kitchen_spec(), self.data, names, self.cfg["soup"], spec["workers"],
+                                      spec["resources"], done)
+        print(f"cooked {len(self.dishes)} dishes in {time.time() - t_cook:.1f} s", flush=True)
+
+    def cook_where(self) -> str:
+        spec = self.cfg["cook"]
+        if spec["workers"] == 0:
+            return f"in the driver ({self.kitchen.device.type})"
+        size = tune.connect(self.args.address, self.args.verbose)  # with --skip-train, Ray starts here
+        gpus = f", {spec['resources']['gpu']:g} GPU" if spec["resources"]["gpu"] else ""
+        return (f"on {spec['workers']} Ray worker(s) of {spec['resources']['cpu']:g} CPU{gpus} each "
+                f"({size['ray_nodes']} node(s))")
+
+    def kitchen_spec(self) -> KitchenSpec:
+        res = self.cfg["cook"]["resources"]
+        return KitchenSpec(self.pool.uri, self.task.name, self.task.model_settings(), self.cfg["sweep"],
+                           self.kitchen_settings(),
+                           threads=int(max(1, res["cpu"])))
+
+    def kitchen_settings(self) -> dict:
+        return {"precision": self.cfg["precision"], "bn_batches": self.cfg["soup"]["bn_batches"],
+                "selection": self.cfg["cook"]["selection"]}
 
     def publish(self) -> None:
         Publisher(self.pool, self.uri, self.experiment, self.parent).serve(self.dishes, self.cfg["sweep"], self.task)

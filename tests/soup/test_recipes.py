@@ -82,6 +82,11 @@ def test_needs_are_pulled_in_before_the_recipe_that_needs_them():
     ("soup.dare_merge=sum", "soup.dare_merge: must be 'ties' or 'task_arithmetic', got 'sum'"),
     ("soup.dare_rescale=l2", "soup.dare_rescale: must be 'exact' or 'l1', got 'l2'"),
     ("soup.dare_seed=0.5", "soup.dare_seed: expected int"),
+    ("soup.fisher_examples=-1", "soup.fisher_examples: must be >= 0, got -1"),
+    ("cook.workers=-1", "cook.workers: must be an integer >= 0 (0: cook in the driver), got -1"),
+    ("cook.resources.gpu=-1", "cook.resources.gpu: must be a number >= 0, got -1"),
+    ("cook.resources.tpu=1", "cook.resources.tpu"),
+    ("cook.selection=val", "cook.selection: must be one of all, held_out, got 'val'"),
 ])
 def test_recipe_settings_are_validated_from_declarations(override, message):
     with pytest.raises(ConfigError) as info:

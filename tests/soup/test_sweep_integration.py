@@ -232,3 +232,54 @@ def test_diverging_trial_is_recorded_not_errored(ray_session, tmp_path, capsys):
     (run,) = client.search_runs([client.get_experiment_by_name("boom").experiment_id],
                                 filter_string="tags.`orchestrator.role` = 'trial'")
     assert run.data.tags["orchestrator.status"] == "diverged" and run.info.status == "FAILED"
+
+
+def cooked_by(swept, workers, names, selection="all"):
+    """The swept pool's dishes cooked in the test process (workers 0, one thread) or on Ray actors."""
+    import torch
+
+    from orchestrator.soup.config import make_task
+    from orchestrator.soup.cooking import KitchenSpec, cook_on_ray
+    from orchestrator.soup.recipes import cook
+
+    root, _, _ = swept
+    cfg = load_config(None, ["sweep=tiny", *TINY_TASK])
+    task = make_task(cfg)
+    spec = KitchenSpec(str(root / "pool"), task.name, task.model_settings(), "tiny",
+                       {"precision": "fp32", "bn_batches": 2, "selection": selection}, threads=1)
+    data = task.data()
+    finished = []
+    if workers == 0:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return cook(spec.kitchen(data), names, cfg["soup"]), finished
+        finally:
+            torch.set_num_threads(threads)
+    done = lambda name, dishes, seconds: finished.append(name)  # noqa: E731
+    return cook_on_ray(spec, data, names, cfg["soup"], workers, {"cpu": 1, "gpu": 0}, done), finished
+
+
+def test_cooking_on_two_ray_workers_gives_the_dishes_of_cooking_in_one_process(swept):
+    import torch
+
+    names = ["greedy_soup", "ensemble", "ties", "model_stock", "fisher"]
+    alone, _ = cooked_by(swept, 0, names)
+    parallel, finished = cooked_by(swept, 2, names)
+    assert sorted(finished) == sorted(names)  # one progress call per recipe
+    assert [d.name for d in parallel] == [d.name for d in alone]  # the recipes' order, whoever finished first
+    for a, p in zip(alone, parallel):
+        assert a.metrics == p.metrics and a.parents == p.parents, a.name
+        assert (a.weights is None) == (p.weights is None)
+        if a.weights is not None:
+            assert all(torch.equal(a.weights[k], p.weights[k]) for k in a.weights), a.name  # bit for bit
+        assert all((a.correct[s] == p.correct[s]).all() for s in a.correct)
+
+
+def test_held_out_selection_measures_candidates_on_the_held_out_split_only(swept):
+    (arithmetic, *_), _ = cooked_by(swept, 0, ["task_arithmetic"], selection="held_out")
+    assert all(set(point) == {"lambda", "val_acc"} for point in arithmetic.curve)  # candidates: val only
+    assert len(arithmetic.curve) == len(load_config()["soup"]["task_arithmetic_lambdas"])
+    assert {"val_acc", "id_acc", "ood_acc"} <= set(arithmetic.metrics)  # the dish: every eval set
+    best = max(arithmetic.curve, key=lambda p: p["val_acc"])
+    assert arithmetic.params["lambda"] == best["lambda"] and arithmetic.metrics["val_acc"] == best["val_acc"]

@@ -122,20 +122,35 @@ def all_params() -> dict[str, Param]:
     return {p.name: p for recipe in RECIPES.values() for p in recipe.params}
 
 
-def cook(kitchen: Kitchen, names: list[str], settings: dict[str, Any]) -> list[Dish]:
-    """Cook the named recipes and what they need, each with its params from `settings`
-    (the config's `soup:` section); returns every dish, weights on the CPU."""
+def cook(kitchen: Kitchen, names: list[str], settings: dict[str, Any],
+         done: Callable[[str, list[Dish], float], None] = lambda name, dishes, seconds: None) -> list[Dish]:
+    """Cook the named recipes and what they need, one after another in this process, each
+    with its params from `settings` (the config's `soup:` section); returns every dish,
+    weights on the CPU; `done(name, dishes, seconds)` as each recipe finishes.
+    soup/cooking.py spreads the same cook_one calls over Ray workers."""
+    import time
+
     from orchestrator.soup.kitchen import check_cookable
 
     check_cookable(kitchen)
     cooked: dict[str, Dish] = {}
     dishes: list[Dish] = []
     for name in ordered(names):
-        recipe = RECIPES[name]
-        for dish in recipe.cook(kitchen, {p.name: settings[p.name] for p in recipe.params}, cooked):
-            cooked.setdefault(name, dish)
-            dishes.append(dish)
-    for dish in dishes:  # the pool and MLflow store CPU tensors
+        t0 = time.time()
+        made = cook_one(kitchen, name, settings, {need: cooked[need] for need in RECIPES[name].needs})
+        done(name, made, time.time() - t0)
+        if made:
+            cooked[name] = made[0]
+        dishes += made
+    return dishes
+
+
+def cook_one(kitchen: Kitchen, name: str, settings: dict[str, Any], cooked: dict[str, Dish]) -> list[Dish]:
+    """One recipe's dishes, given the first dish of each recipe it needs; weights on the CPU
+    (the pool and MLflow store CPU tensors, and Ray ships them)."""
+    recipe = RECIPES[name]
+    dishes = recipe.cook(kitchen, {p.name: settings[p.name] for p in recipe.params}, cooked)
+    for dish in dishes:
         if dish.weights is not None:
             dish.weights = {k: v.detach().cpu().contiguous() for k, v in dish.weights.items()}
     return dishes

@@ -23,14 +23,20 @@ class TaskArithmetic(Recipe):
         rows = k.loadable()
         zero = k.load(k.pretrained)
         delta = task_vectors.sum_task_vectors(zero, rows, k.load)
-        curve, best = [], None
-        for lam in sorted(params["task_arithmetic_lambdas"]):  # every point on every eval set: the curve
-            state = task_vectors.apply(zero, delta, lam)
+        lambdas = sorted(params["task_arithmetic_lambdas"])
+        if k.full_curves:  # every point on every eval set: the curve on the plot
+            curve, best = [], None
+            for lam in lambdas:
+                state = task_vectors.apply(zero, delta, lam)
+                verdict = k.judge(state)
+                curve.append({"lambda": lam, **verdict.metrics})
+                if best is None or verdict.metrics["val_acc"] > best[2].metrics["val_acc"]:
+                    best = (lam, state, verdict)
+            lam, state, verdict = best
+        else:  # on the held-out split only; every eval set for the chosen lambda
+            lam, state, trace = k.pick_on_val((lam, task_vectors.apply(zero, delta, lam)) for lam in lambdas)
             verdict = k.judge(state)
-            curve.append({"lambda": lam, **verdict.metrics})
-            if best is None or verdict.metrics["val_acc"] > best[2].metrics["val_acc"]:
-                best = (lam, state, verdict)
-        lam, state, verdict = best
+            curve = [{"lambda": t["x"], "val_acc": t["val_acc"]} for t in trace]
         return [Dish("task_arithmetic", f"{TaskArithmetic.label} l={lam:g}", verdict.metrics, [r["id"] for r in rows],
                      state, params={"lambda": lam, "n_ingredients": len(rows)}, curve=curve,
                      correct=verdict.correct)]

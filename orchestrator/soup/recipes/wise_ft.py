@@ -27,6 +27,9 @@ class WiseFT(Recipe):
             for alpha in alphas:
                 state = merge.interpolate(zero, base.weights, alpha)
                 mixed = 0 < alpha < 1 or (alpha == 1 and len(base.parents) > 1)  # else one model's own weights
+                if not (k.full_curves or alpha == mid):  # the curve on the held-out split only
+                    curve.append({"alpha": alpha, "val_acc": k.evaluate(state, [k.data.val], soup=mixed)["val_acc"]})
+                    continue
                 verdict = k.judge(state, soup=mixed)
                 curve.append({"alpha": alpha, **verdict.metrics})
                 if alpha == mid:

@@ -1,0 +1,88 @@
+"""Cooking as Ray work: the recipes spread over `cook.workers` Ray actors, each asking for
+`cook.resources` (on a GPU cluster: GPU workers, which the autoscaler adds, never the CPU
+head). Each actor builds its own Kitchen and reads the ingredients straight from the pool
+(once per actor: the pool verifies a file once and memory-maps it after), so nothing but
+the task data, the needed dishes and the finished dishes travel through Ray's object store.
+
+A recipe is one unit of work: it starts as soon as the recipes it needs are done and an
+actor is free, so the greedy soup's sequential loop runs in one actor while the others cook
+the independent recipes (ensemble, the task-vector merges, Fisher). Every actor runs the
+same `cook_one` as cooking in the driver, with the same number of threads, so the dishes
+are the same bit for bit whichever actor cooks them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from orchestrator.common.pool import Pool
+from orchestrator.soup.kitchen import Dish, Kitchen
+from orchestrator.soup.recipes import RECIPES, cook_one, ordered
+from orchestrator.soup.tasks import TASKS
+from orchestrator.soup.tasks.base import TaskData
+
+
+@dataclass
+class KitchenSpec:
+    """What an actor needs to build the driver's Kitchen again, wherever it runs."""
+
+    pool_uri: str
+    task_name: str
+    task_settings: dict[str, Any]
+    sweep: str | None
+    settings: dict[str, Any]  # Kitchen settings: precision, bn_batches, selection
+    threads: int  # torch threads per actor: the same everywhere, so the arithmetic is too
+
+    def kitchen(self, data: TaskData) -> Kitchen:
+        return Kitchen(Pool(self.pool_uri), TASKS[self.task_name](self.task_settings), data, self.sweep, self.settings)
+
+
+class Cook:
+    """A Ray actor with a Kitchen of its own; cooks one recipe per call."""
+
+    def __init__(self, spec: KitchenSpec, data: TaskData):
+        import torch
+
+        torch.set_num_threads(spec.threads)
+        self.kitchen = spec.kitchen(data)
+
+    def cook(self, name: str, settings: dict[str, Any], needed: dict[str, Dish]) -> tuple[list[Dish], float]:
+        t0 = time.time()
+        dishes = cook_one(self.kitchen, name, settings, needed)
+        return dishes, time.time() - t0
+
+
+def cook_on_ray(spec: KitchenSpec, data: TaskData, names: list[str], settings: dict[str, Any], workers: int,
+                resources: dict[str, float], done: Callable[[str, list[Dish], float], None]) -> list[Dish]:
+    """Cook the named recipes (and what they need) on `workers` actors; `done(name, dishes,
+    seconds)` is called as each recipe finishes. Dishes come back in the recipes' order."""
+    import ray
+
+    order = ordered(names)
+    actor = ray.remote(Cook).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"])
+    data_ref = ray.put(data)
+    cooks = [actor.remote(spec, data_ref) for _ in range(min(workers, len(order)))]
+    free, running = list(cooks), {}
+    made: dict[str, list[Dish]] = {}
+    pending = list(order)
+    try:
+        while pending or running:
+            for name in [n for n in pending if all(need in made for need in RECIPES[n].needs)]:
+                if not free:
+                    break
+                cook = free.pop(0)
+                needed = {need: made[need][0] for need in RECIPES[name].needs}
+                running[cook.cook.remote(name, settings, needed)] = (name, cook)
+                pending.remove(name)
+            finished, _ = ray.wait(list(running), num_returns=1)
+            name, cook = running.pop(finished[0])
+            dishes, seconds = ray.get(finished[0])
+            made[name] = dishes
+            free.append(cook)
+            done(name, dishes, seconds)
+    finally:
+        for cook in cooks:
+            ray.kill(cook)
+    return [dish for name in order for dish in made[name]]
