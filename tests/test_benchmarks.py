@@ -107,6 +107,21 @@ def test_bench_greedy_tiny(tmp_path, cache_dir):
     assert re.search(r"^target: greedy peak flat in N and < 4x a state dict: (MET|NOT MET)", out, re.MULTILINE)
 
 
+def test_bench_cook_tiny(tmp_path, cache_dir):
+    out = run_bench("bench_cook.py", tmp_path, "--cache-dir", str(cache_dir))
+    one = number(rf"^\s+1\s+{NUMBER}\s+1\.00$", out)
+    two, ratio = number(rf"^\s+2\s+{NUMBER}\s+", out), number(rf"^\s+2\s+[\d.]+\s+{NUMBER}$", out)
+    assert one > 0 and two > 0 and ratio == pytest.approx(two / one, abs=0.01)
+    assert re.search(r"; 2 workers vs 1: [\d.]+x \(target <= 0.60x\); dishes bit for bit equal: True$", out, re.MULTILINE)
+    rows = {}
+    for line in out.splitlines():  # recipe | N=2: s x-sd | N=3: s x-sd
+        m = re.fullmatch(r"\s*(\w+) \|\s+([-\d.]+)\s+([-\d.]+) \|\s+([-\d.]+)\s+([-\d.]+)", line)
+        if m:
+            rows[m.group(1)] = [float(x) for x in m.groups()[1:]]
+    assert sorted(rows) == sorted(["uniform_soup", "task_arithmetic", "ties", "dare", "model_stock", "fisher"]), out
+    assert all(r[0] > 0 and r[2] > 0 and all(math.isfinite(x) for x in r) for r in rows.values())
+
+
 def test_bench_pool_reads_tiny(tmp_path, cache_dir):
     out = run_bench("bench_pool_reads.py", tmp_path, "--cache-dir", str(cache_dir))
     assert "reads per cook: 4 weights files" in out, out[-3000:]  # 3 ingredients + the pretrained weights
