@@ -44,6 +44,8 @@ def parse_args(argv=None):
                    help="ingredients in the pool the worker comparison cooks (default: 16, the default sweep's; "
                         "the largest N if that is not one of --n)")
     p.add_argument("--fisher-examples", type=int, default=None, help="examples per Fisher (default: the config's)")
+    p.add_argument("--parts", nargs="+", choices=["workers", "recipes"], default=["workers", "recipes"],
+                   help="which measurements to run (default: both)")
     common.add_cache_flag(p)
     common.add_keep_flag(p, "the pools")
     common.add_tiny_flag(p, "N = 2 3 on the tiny glyph task, 1 repeat")
@@ -203,8 +205,10 @@ def main(argv=None) -> int:
           f"CPUs visible, load average {common.load():.2f}", flush=True)
     with common.temp_dir("bench_cook-", args.keep) as tmp:
         pools = build_pools(args, cfg, task, data, tmp)
-        compare_workers(args, cfg, task, data, pools.get(args.workers_n, pools[max(args.n)]))
-        compare_recipes(args, pools)
+        if "workers" in args.parts:
+            compare_workers(args, cfg, task, data, pools.get(args.workers_n, pools[max(args.n)]))
+        if "recipes" in args.parts:
+            compare_recipes(args, pools)
     print(f"bench_cook finished in {time.perf_counter() - t0:.0f} s")
     return 0
 

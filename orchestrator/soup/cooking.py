@@ -69,7 +69,10 @@ def cook_on_ray(spec: KitchenSpec, data: TaskData, names: list[str], settings: d
     pending = list(order)
     try:
         while pending or running:
-            for name in [n for n in pending if all(need in made for need in RECIPES[n].needs)]:
+            # what another recipe waits for goes first (the greedy soup before the ensemble)
+            awaited = {need for n in pending for need in RECIPES[n].needs}
+            ready = [n for n in pending if all(need in made for need in RECIPES[n].needs)]
+            for name in sorted(ready, key=lambda n: (n not in awaited, RECIPES[n].position)):
                 if not free:
                     break
                 cook = free.pop(0)
