@@ -296,13 +296,16 @@ def test_shared_head_zero_or_probe_on_a_subset(text_files, tiny_bert):
 
 
 def test_example_text_data_is_deterministic_balanced_and_disjoint(tmp_path):
-    from orchestrator.soup.example_data import PACKAGES, make_text
+    from orchestrator.soup.example_data import KINDS, OOD_PACKAGES, PACKAGES, make_text
 
     counts = make_text(str(tmp_path / "a"))
     make_text(str(tmp_path / "b"))
-    assert counts["train"] == 80 * len(PACKAGES) and counts["id_test"] == 50 * len(PACKAGES)
+    labels = sorted(KINDS.values())
+    assert counts["train"] == 70 * len(labels) * len(PACKAGES)
+    assert counts["id_test"] == 25 * len(labels) * len(PACKAGES)
+    assert all(counts[f"ood_{p}"] == 50 * len(labels) for p in OOD_PACKAGES)
     tables = {n: pq.read_table(tmp_path / "a" / f"{n}.parquet").to_pydict() for n in counts}
     assert tables["train"] == pq.read_table(tmp_path / "b" / "train.parquet").to_pydict()  # same files every time
-    assert sorted(set(tables["train"]["label"])) == sorted(PACKAGES)
+    assert sorted(set(tables["train"]["label"])) == labels
     assert not set(tables["train"]["text"]) & set(tables["id_test"]["text"])  # no test text seen in training
-    assert all(set(t["label"]) <= set(PACKAGES) for t in tables.values())
+    assert all(set(t["label"]) == set(labels) for t in tables.values())
