@@ -143,7 +143,8 @@ def compare_workers(args, cfg, task, data, pool_uri: str) -> None:
     log_dir = os.path.join(os.path.dirname(pool_uri), "logs")
     common.route_library_output(log_dir, "bench_cook", verbose=False)
     tune.connect(None)
-    spec = KitchenSpec(pool_uri, task.name, task.model_settings(), SWEEP, settings(cfg), threads=1)
+    spec = KitchenSpec(pool_uri, task.name, task.model_settings(), (task.pretrained_id(), task.data_key()), SWEEP,
+                       settings(cfg), threads=1)
     times: dict[int, list[float]] = {1: [], 2: []}
     dishes = {}
     for r in range(args.repeats):

@@ -20,7 +20,7 @@ TINY_TASK = [
 
 
 TWO_EPOCHS = [*TINY_TASK, "hyperparameters.epochs=2", "soup.wise_ft_alphas=[0.5]",  # one point per grid
-              "soup.task_arithmetic_lambdas=[0.1]", "soup.ties_lambdas=[1.0]"]
+              "soup.task_arithmetic_lambdas=[0.1]", "soup.ties_lambdas=[1.0]", "soup.fisher_examples=32"]
 
 
 def sweep_cmd(root, sweep, n, *more, pool=None, storage=None, uri=None):

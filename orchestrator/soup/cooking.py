@@ -30,13 +30,15 @@ class KitchenSpec:
 
     pool_uri: str
     task_name: str
-    task_settings: dict[str, Any]
+    task_settings: dict[str, Any]  # Task.model_settings(): enough to build the model anywhere
+    keys: tuple[str, str]  # the driver's (pretrained_id, data_key): they may read files the actor cannot
     sweep: str | None
     settings: dict[str, Any]  # Kitchen settings: precision, bn_batches, selection
     threads: int  # torch threads per actor: the same everywhere, so the arithmetic is too
 
     def kitchen(self, data: TaskData) -> Kitchen:
-        return Kitchen(Pool(self.pool_uri), TASKS[self.task_name](self.task_settings), data, self.sweep, self.settings)
+        return Kitchen(Pool(self.pool_uri), TASKS[self.task_name](self.task_settings), data, self.sweep,
+                       self.settings, self.keys)
 
 
 class Cook:

@@ -60,9 +60,13 @@ class Verdict:
 class Kitchen:
     """What recipes share: usable ingredients (best first), weight loading and evaluation."""
 
-    def __init__(self, pool: Pool, task: Task, data: TaskData, sweep: str | None, settings: dict[str, Any]):
-        """`settings`: the config's `precision`, `soup.bn_batches` and (optional) `cook.selection`."""
+    def __init__(self, pool: Pool, task: Task, data: TaskData, sweep: str | None, settings: dict[str, Any],
+                 keys: tuple[str, str] | None = None):
+        """`settings`: the config's `precision`, `soup.bn_batches` and (optional) `cook.selection`.
+        `keys`: the task's (pretrained_id, data_key) as the driver computed them; a cooking
+        worker passes them, as it may run where the task's files are not."""
         self.pool, self.task, self.data = pool, task, data
+        self.pretrained_id, self.data_key = keys or (task.pretrained_id(), task.data_key())
         self.precision, self.bn_batches = settings["precision"], settings["bn_batches"]
         # "all": curves (WiSE-FT, task arithmetic) are measured on every eval set at every point;
         # "held_out": candidates on the held-out split only, every eval set for the final dishes
@@ -71,9 +75,9 @@ class Kitchen:
         self.model = task.build_model().to(self.device)
         self.bn_buffers = batchnorm_buffers(self.model)
         df = pool.manifest()
-        pre = df[(df["kind"] == "pretrained") & (df["id"] == task.pretrained_id())]
+        pre = df[(df["kind"] == "pretrained") & (df["id"] == self.pretrained_id)]
         if pre.empty:
-            raise PoolError(f"{pool.uri}: no pretrained weights for task {task.name} ({task.pretrained_id()})")
+            raise PoolError(f"{pool.uri}: no pretrained weights for task {task.name} ({self.pretrained_id})")
         self.pretrained = pre.iloc[0].to_dict()
         self.arch = self.pretrained["arch"]
         trials = df[(df["kind"] == "trial") & (df["task"] == task.name)]
@@ -107,7 +111,7 @@ class Kitchen:
             start = row["parents"][0] if len(row["parents"]) else "none"
             if start != self.pretrained["id"]:
                 left[row["sweep"], f"other start point {start}"] += 1
-            elif (row.get("data_key") or "") != self.task.data_key():
+            elif (row.get("data_key") or "") != self.data_key:
                 left[row["sweep"], "other training data or held-out split" if row.get("data_key")
                      else "no data key recorded (an older pool)"] += 1
             else:

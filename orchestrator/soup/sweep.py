@@ -231,7 +231,8 @@ class SoupSweep:
 
     def kitchen_spec(self) -> KitchenSpec:
         res = self.cfg["cook"]["resources"]
-        return KitchenSpec(self.pool.uri, self.task.name, self.task.model_settings(), self.cfg["sweep"],
+        return KitchenSpec(self.pool.uri, self.task.name, self.task.model_settings(),
+                           (self.kitchen.pretrained_id, self.kitchen.data_key), self.cfg["sweep"],
                            self.kitchen_settings(),
                            threads=int(max(1, res["cpu"])))
 

@@ -245,7 +245,8 @@ def cooked_by(swept, workers, names, selection="all"):
     root, _, _ = swept
     cfg = load_config(None, ["sweep=tiny", *TINY_TASK])
     task = make_task(cfg)
-    spec = KitchenSpec(str(root / "pool"), task.name, task.model_settings(), "tiny",
+    spec = KitchenSpec(str(root / "pool"), task.name, task.model_settings(), (task.pretrained_id(), task.data_key()),
+                       "tiny",
                        {"precision": "fp32", "bn_batches": 2, "selection": selection}, threads=1)
     data = task.data()
     finished = []
