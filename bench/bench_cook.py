@@ -17,6 +17,10 @@ beside it, exactly as a sweep's trials leave them.
    threshold fixed at 64 KiB, so RSS follows live tensors; see bench_greedy.py) minus one
    evaluation's own peak (activations, the same for every N), in state dicts.
 
+3. Reads: how a cooking worker gets the ingredients, straight from the pool (what it does:
+   sha256 once while streaming, then memory-mapped loads) or through Ray's object store
+   (the driver loads and puts each once); each side in a fresh Ray worker, median of 2.
+
 --tiny: N = 2 3 on the tiny glyph task, 1 repeat, 16 Fisher examples.
 """
 
@@ -44,7 +48,7 @@ def parse_args(argv=None):
                    help="ingredients in the pool the worker comparison cooks (default: 16, the default sweep's; "
                         "the largest N if that is not one of --n)")
     p.add_argument("--fisher-examples", type=int, default=None, help="examples per Fisher (default: the config's)")
-    p.add_argument("--parts", nargs="+", choices=["workers", "recipes"], default=["workers", "recipes"],
+    p.add_argument("--parts", nargs="+", choices=["workers", "recipes", "reads"], default=["workers", "recipes", "reads"],
                    help="which measurements to run (default: both)")
     common.add_cache_flag(p)
     common.add_keep_flag(p, "the pools")
@@ -189,6 +193,57 @@ def compare_recipes(args, pools: dict[int, str]) -> None:
     print("x sd: the recipe's peak RSS above the RSS before it, minus an evaluation's own peak, in state dicts")
 
 
+def _read_from_pool(pool_uri: str, ids: list[str]) -> float:
+    """In a Ray worker: every ingredient as a Kitchen gets it (verified once, memory-mapped), touched."""
+    from orchestrator.common.pool import Pool
+
+    pool = Pool(pool_uri)
+    t = time.perf_counter()
+    for ingredient in ids:
+        sum(float(v.float().sum()) for v in pool.load(ingredient).values())
+    return time.perf_counter() - t
+
+
+def _read_from_store(refs: list) -> float:
+    """In a Ray worker: every ingredient from Ray's object store (put by the driver), touched."""
+    import ray
+    import torch  # noqa: F401 - imported before the clock, as the pool side imports it with Pool
+
+    t = time.perf_counter()
+    for ref in refs:
+        sum(float(v.float().sum()) for v in ray.get(ref).values())
+    return time.perf_counter() - t
+
+
+def compare_reads(args, pool_uri: str) -> None:
+    """How a cooking worker should get the ingredients: straight from the pool, or through the
+    object store (the driver loads and puts each once). Each side in a fresh Ray worker."""
+    import ray
+
+    from orchestrator.common import tune
+    from orchestrator.common.pool import Pool
+
+    log_dir = os.path.join(os.path.dirname(pool_uri), "logs")
+    common.route_library_output(log_dir, "bench_cook", verbose=False)
+    tune.connect(None)
+    pool = Pool(pool_uri)
+    ids = [r["id"] for r in pool.manifest().to_dict("records") if r["kind"] == "trial"]
+    t = time.perf_counter()
+    refs = [ray.put(pool.load(i)) for i in ids]
+    put_s = time.perf_counter() - t
+    fresh = {"num_cpus": 1, "max_calls": 1}  # a new worker process per call: no warm caches
+    times = {"pool": [], "store": []}
+    for _ in range(max(2, args.repeats)):
+        times["pool"].append(ray.get(ray.remote(**fresh)(_read_from_pool).remote(pool.uri, ids)))
+        times["store"].append(ray.get(ray.remote(**fresh)(_read_from_store).remote(refs)))
+    pool_s, store_s = statistics.median(times["pool"]), statistics.median(times["store"])
+    print()
+    print(f"reading {len(ids)} ingredients in a worker: from the pool {pool_s:.3f} s (sha256 once, then mmap), "
+          f"from the object store {store_s:.3f} s (+{put_s:.3f} s for the driver to load and put them once); "
+          f"object store / pool = {store_s / pool_s:.2f}x")
+    common.unroute_library_output(log_dir)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
@@ -210,6 +265,8 @@ def main(argv=None) -> int:
             compare_workers(args, cfg, task, data, pools.get(args.workers_n, pools[max(args.n)]))
         if "recipes" in args.parts:
             compare_recipes(args, pools)
+        if "reads" in args.parts:
+            compare_reads(args, pools.get(args.workers_n, pools[max(args.n)]))
     print(f"bench_cook finished in {time.perf_counter() - t0:.0f} s")
     return 0
 

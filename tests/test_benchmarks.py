@@ -120,6 +120,10 @@ def test_bench_cook_tiny(tmp_path, cache_dir):
             rows[m.group(1)] = [float(x) for x in m.groups()[1:]]
     assert sorted(rows) == sorted(["uniform_soup", "task_arithmetic", "ties", "dare", "model_stock", "fisher"]), out
     assert all(r[0] > 0 and r[2] > 0 and all(math.isfinite(x) for x in r) for r in rows.values())
+    pool_s = number(rf"^reading 3 ingredients in a worker: from the pool {NUMBER} s", out)
+    store_s = number(rf"from the object store {NUMBER} s", out)
+    assert pool_s > 0 and store_s > 0
+    assert number(rf"object store / pool = {NUMBER}x$", out) == pytest.approx(store_s / pool_s, rel=0.05, abs=0.01)
 
 
 def test_bench_pool_reads_tiny(tmp_path, cache_dir):
