@@ -4,9 +4,10 @@ head). Each actor builds its own Kitchen and reads the ingredients straight from
 (once per actor: the pool verifies a file once and memory-maps it after), so nothing but
 the task data, the needed dishes and the finished dishes travel through Ray's object store.
 
-A recipe is one unit of work: it starts as soon as the recipes it needs are done and an
-actor is free, so the greedy soup's sequential loop runs in one actor while the others cook
-the independent recipes (ensemble, the task-vector merges, Fisher). Every actor runs the
+A recipe is one unit of work (a `per_need` recipe, WiSE-FT, one unit per base): it starts as
+soon as the recipes it needs are done and an actor is free, so the greedy soup's sequential
+loop runs in one actor while the others cook the independent recipes (ensemble, the
+task-vector merges, Fisher, WiSE-FT from the best individual). Every actor runs the
 same `cook_one` as cooking in the driver, with the same number of threads, so the dishes
 are the same bit for bit whichever actor cooks them.
 """
@@ -56,6 +57,10 @@ class Cook:
         return dishes, time.time() - t0
 
 
+def unit_needs(name: str, part: str | None) -> tuple[str, ...]:
+    return RECIPES[name].needs if part is None else (part,)
+
+
 def cook_on_ray(spec: KitchenSpec, data: TaskData, names: list[str], settings: dict[str, Any], workers: int,
                 resources: dict[str, float], done: Callable[[str, list[Dish], float], None]) -> list[Dish]:
     """Cook the named recipes (and what they need) on `workers` actors; `done(name, dishes,
@@ -66,27 +71,35 @@ def cook_on_ray(spec: KitchenSpec, data: TaskData, names: list[str], settings: d
     actor = ray.remote(Cook).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"])
     data_ref = ray.put(data)
     cooks = [actor.remote(spec, data_ref) for _ in range(min(workers, len(order)))]
+    # units of work: a recipe, or one part per need of a recipe that cooks each need on its own
+    # (WiSE-FT's curve from the best individual need not wait for the greedy soup)
+    units = [(name, need) for name in order
+             for need in (RECIPES[name].needs if RECIPES[name].per_need else [None])]
     free, running = list(cooks), {}
     made: dict[str, list[Dish]] = {}
-    pending = list(order)
+    parts: dict[tuple[str, str | None], tuple[list[Dish], float]] = {}
+    pending = list(units)
     try:
         while pending or running:
             # what another recipe waits for goes first (the greedy soup before the ensemble)
-            awaited = {need for n in pending for need in RECIPES[n].needs}
-            ready = [n for n in pending if all(need in made for need in RECIPES[n].needs)]
-            for name in sorted(ready, key=lambda n: (n not in awaited, RECIPES[n].position)):
+            awaited = {need for n, _ in pending for need in RECIPES[n].needs}
+            ready = [u for u in pending if all(need in made for need in unit_needs(*u))]
+            for unit in sorted(ready, key=lambda u: (u[0] not in awaited, RECIPES[u[0]].position)):
                 if not free:
                     break
                 cook = free.pop(0)
-                needed = {need: made[need][0] for need in RECIPES[name].needs}
-                running[cook.cook.remote(name, settings, needed)] = (name, cook)
-                pending.remove(name)
+                needed = {need: made[need][0] for need in unit_needs(*unit)}
+                running[cook.cook.remote(unit[0], settings, needed)] = (unit, cook)
+                pending.remove(unit)
             finished, _ = ray.wait(list(running), num_returns=1)
-            name, cook = running.pop(finished[0])
-            dishes, seconds = ray.get(finished[0])
-            made[name] = dishes
+            unit, cook = running.pop(finished[0])
+            parts[unit] = ray.get(finished[0])
             free.append(cook)
-            done(name, dishes, seconds)
+            name = unit[0]
+            mine = [u for u in units if u[0] == name]
+            if all(u in parts for u in mine):  # the recipe is done: its dishes in its own order
+                made[name] = [dish for u in mine for dish in parts[u][0]]
+                done(name, made[name], sum(parts[u][1] for u in mine))
     finally:
         for cook in cooks:
             ray.kill(cook)

@@ -67,6 +67,9 @@ class Recipe:
     curve_x: ClassVar[str | None] = None  # ... or a curve over this parameter (Dish.curve)
     histogram: ClassVar[str | None] = None  # a Dish.details key of per-tensor values, drawn for the dish's run
     reference: ClassVar[bool] = False  # the dish the summary's paired differences are measured against
+    # cook() makes one dish per need from whichever needs `cooked` holds, so cooking on Ray may
+    # run one part per need, each as soon as its need is done
+    per_need: ClassVar[bool] = False
 
     @staticmethod
     def check(k: Kitchen) -> str | None:

@@ -14,6 +14,7 @@ class WiseFT(Recipe):
     needs = ("best_individual", "greedy_soup")
     produces_weights = True
     curve_x = "alpha"
+    per_need = True
 
     @staticmethod
     def cook(k, params, cooked):
@@ -21,7 +22,7 @@ class WiseFT(Recipe):
         alphas = sorted(params["wise_ft_alphas"])
         mid = min(alphas, key=lambda a: abs(a - 0.5))  # the recommended alpha, or the nearest on the grid
         dishes = []
-        for base_name in WiseFT.needs:
+        for base_name in [n for n in WiseFT.needs if n in cooked]:  # per_need: a part may get one base
             base = cooked[base_name]
             curve, mid_state, mid_correct = [], None, {}
             for alpha in alphas:
