@@ -207,7 +207,7 @@ def _read_from_pool(pool_uri: str, ids: list[str]) -> float:
 def _read_from_store(refs: list) -> float:
     """In a Ray worker: every ingredient from Ray's object store (put by the driver), touched."""
     import ray
-    import torch  # noqa: F401 - imported before the clock, as the pool side imports it with Pool
+    import torch  # noqa: F401  (imported before the clock, as the pool side imports it with Pool)
 
     t = time.perf_counter()
     for ref in refs:

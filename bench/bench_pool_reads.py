@@ -11,8 +11,9 @@ before and after the pool reads each weights file once (issue 10).
 
 Reads per cook: a local pool of N ingredients (default 8; 3 with --tiny) of the default
 glyph model: the cached pretrained weights plus seeded noise, with made-up val_acc (this
-counts reads; what the soups score does not matter here). Each loader cooks every default
-recipe, in one process, as the sweep does (Kitchen, then soup.recipes.cook). Counted:
+counts reads; what the soups score does not matter here). Each loader cooks the six
+recipes of issue 10's measurement (soups, ensemble, WiSE-FT; the later merge recipes would
+change the "before" count), in one process, as the sweep does (Kitchen, then soup.recipes.cook). Counted:
   storage reads  bytes the pool read through its filesystem for weights (whole-file
                  reads before; hash reads after), per ingredient file, in file sizes
   rchar          the process's read() bytes over the whole cook (/proc/self/io: Parquet
@@ -120,9 +121,13 @@ def build_pool(path: str, args, cfg, task, data):
     return pool, sum(v.numel() * v.element_size() for v in pre.values())
 
 
+# what a default cook was when this was measured (issue 10): the soups, the ensemble and WiSE-FT
+RECIPES = ["zero_shot", "best_individual", "uniform_soup", "greedy_soup", "ensemble", "wise_ft"]
+
+
 def cook_with(loader: str, pool_path: str, cfg, task, data) -> dict:
     from orchestrator.soup.kitchen import Kitchen
-    from orchestrator.soup.recipes import cook, default_recipes
+    from orchestrator.soup.recipes import cook
 
     pool = pool_class(loader)(pool_path)
     loads = 0
@@ -137,7 +142,7 @@ def cook_with(loader: str, pool_path: str, cfg, task, data) -> dict:
         return load(row)
 
     kitchen.load = counted
-    dishes = cook(kitchen, default_recipes(), cfg["soup"])
+    dishes = cook(kitchen, RECIPES, cfg["soup"])
     seconds, chars = time.perf_counter() - t, rchar() - chars
     files = len(kitchen.ingredients) + 1  # and the pretrained weights
     size = os.path.getsize(f"{pool.root}/{kitchen.pretrained['weights']}")
@@ -193,7 +198,7 @@ def main(argv=None) -> int:
     cfg = common.load_soup_config(common.soup_overrides(args))
     task = make_task(cfg)
     data = task.data()
-    print(f"bench_pool_reads: {args.n} ingredients{' (--tiny task)' if args.tiny else ''}, every default recipe; "
+    print(f"bench_pool_reads: {args.n} ingredients{' (--tiny task)' if args.tiny else ''}, the six recipes of issue 10 (soups, ensemble, WiSE-FT); "
           f"a {args.load_mb} MiB file for the peak memory of one load; load average {common.load():.2f}", flush=True)
     with common.temp_dir("bench_pool_reads-", args.keep) as tmp:
         pool, sd_bytes = build_pool(os.path.join(tmp, "pool"), args, cfg, task, data)

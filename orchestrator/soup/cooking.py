@@ -57,6 +57,18 @@ class Cook:
         return dishes, time.time() - t0
 
 
+def room(resources: dict[str, float]) -> int:
+    """How many cooking actors the cluster can host now (at least 1: an autoscaler adds nodes
+    for one that does not fit). More would wait for resources that may never come, e.g.
+    after a node was lost."""
+    import ray
+
+    total = ray.cluster_resources()
+    fits = [int(total.get(key, 0) // resources[ask]) for key, ask in (("CPU", "cpu"), ("GPU", "gpu"))
+            if resources[ask] > 0]
+    return max(1, min(fits, default=1))
+
+
 def unit_needs(name: str, part: str | None) -> tuple[str, ...]:
     return RECIPES[name].needs if part is None else (part,)
 
@@ -68,13 +80,15 @@ def cook_on_ray(spec: KitchenSpec, data: TaskData, names: list[str], settings: d
     import ray
 
     order = ordered(names)
-    actor = ray.remote(Cook).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"])
-    data_ref = ray.put(data)
-    cooks = [actor.remote(spec, data_ref) for _ in range(min(workers, len(order)))]
     # units of work: a recipe, or one part per need of a recipe that cooks each need on its own
     # (WiSE-FT's curve from the best individual need not wait for the greedy soup)
     units = [(name, need) for name in order
              for need in (RECIPES[name].needs if RECIPES[name].per_need else [None])]
+    # a restarted actor (its node lost) gets its unit again: cooking has no side effects
+    actor = ray.remote(Cook).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"], max_restarts=2,
+                                     max_task_retries=2)
+    data_ref = ray.put(data)
+    cooks = [actor.remote(spec, data_ref) for _ in range(min(workers, len(units), room(resources)))]
     free, running = list(cooks), {}
     made: dict[str, list[Dish]] = {}
     parts: dict[tuple[str, str | None], tuple[list[Dish], float]] = {}

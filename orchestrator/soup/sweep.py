@@ -29,7 +29,7 @@ from orchestrator.common.config import search_space, shipped_configs
 from orchestrator.common.errors import PoolError, UserError
 from orchestrator.common.pool import Pool, Row
 from orchestrator.soup.config import DEFAULT_CONFIG, load_config, make_task
-from orchestrator.soup.cooking import KitchenSpec, cook_on_ray
+from orchestrator.soup.cooking import KitchenSpec, cook_on_ray, room
 from orchestrator.soup.kitchen import Kitchen, check_cookable
 from orchestrator.soup.pretrained import ensure_pretrained
 from orchestrator.soup.publish import Publisher, parent_metrics
@@ -199,6 +199,7 @@ class SoupSweep:
         if not self.kitchen:  # made after training: it reads the pool's trials
             self.check_recipes(self.make_kitchen())
         kitchen, names = self.kitchen, self.recipes
+        check_cookable(kitchen)  # nothing usable (every trial diverged, say): an error, before any worker starts
         pulled = [n for n in names if n not in asked]
         if pulled:
             print(f"soup.recipes: also cooking {', '.join(pulled)} (needed by "
@@ -225,9 +226,12 @@ class SoupSweep:
         if spec["workers"] == 0:
             return f"in the driver ({self.kitchen.device.type})"
         size = tune.connect(self.args.address, self.args.verbose)  # with --skip-train, Ray starts here
+        workers = min(spec["workers"], room(spec["resources"]))
         gpus = f", {spec['resources']['gpu']:g} GPU" if spec["resources"]["gpu"] else ""
-        return (f"on {spec['workers']} Ray worker(s) of {spec['resources']['cpu']:g} CPU{gpus} each "
-                f"({size['ray_nodes']} node(s))")
+        fewer = f" (cook.workers {spec['workers']}: the cluster has room for {workers} now)" \
+            if workers < spec["workers"] else ""
+        return (f"on {workers} Ray worker(s) of {spec['resources']['cpu']:g} CPU{gpus} each "
+                f"({size['ray_nodes']} node(s)){fewer}")
 
     def kitchen_spec(self) -> KitchenSpec:
         res = self.cfg["cook"]["resources"]

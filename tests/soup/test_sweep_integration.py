@@ -163,7 +163,9 @@ def test_terminal_output_is_progress_and_summary_only():
     out = swept.stdout
     lines = out.strip().splitlines()
     dishes = int(next(line for line in lines if line.startswith("cooked ")).split()[1])
-    assert len(lines) < 24 + 2 * dishes, out  # 3 trials: progress lines, the two tables, where things are
+    recipes = sum(line.startswith("  [") for line in lines)  # one progress line per recipe cooked
+    assert recipes == len(default_recipes())
+    assert len(lines) < 26 + recipes + 2 * dishes, out  # 3 trials, cooking, the two tables, where things are
     assert sum(line.startswith("[") and "/3 " in line for line in lines) == 3  # one line per finished trial
     assert "greedy soup" in out and "log:" in out
     for noise in ("Trial status", "╭", "snapshotting", "Checkpoint successfully", "tensorboard", "type hints"):
