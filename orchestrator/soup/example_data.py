@@ -39,9 +39,9 @@ def _first_paragraph(doc: str) -> str:
 
 
 def package_texts(package: str) -> dict[str, list[str]]:
-    """Docstrings, comments and raised messages of one stdlib package (tests excluded)."""
+    """Docstrings and comments of one stdlib package (tests excluded)."""
     root = os.path.join(sysconfig.get_paths()["stdlib"], package)
-    out: dict[str, list[str]] = {"docstrings": [], "comments": [], "errors": []}
+    out: dict[str, list[str]] = {"docstrings": [], "comments": []}
     for folder, dirs, files in sorted(os.walk(root)):
         dirs[:] = sorted(d for d in dirs if "test" not in d)
         for name in sorted(f for f in files if f.endswith(".py")):
@@ -53,13 +53,6 @@ def package_texts(package: str) -> dict[str, list[str]]:
                     doc = ast.get_docstring(node)
                     if doc:
                         out["docstrings"].append(_first_paragraph(doc))
-                elif isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and node.exc.args:
-                    arg = node.exc.args[0]
-                    if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
-                        out["errors"].append(_clean(arg.value))
-                    elif isinstance(arg, ast.JoinedStr):  # f-strings: keep the literal parts
-                        out["errors"].append(_clean(" ".join(v.value for v in arg.values
-                                                             if isinstance(v, ast.Constant))))
             block: list[str] = []
             for tok in tokenize.generate_tokens(io.StringIO(source).readline):
                 if tok.type == tokenize.COMMENT:

@@ -214,7 +214,7 @@ class SoupSweep:
 
         spec = self.cfg["cook"]
         if spec["workers"] == 0:
-            torch.set_num_threads(self.kitchen_spec().threads)  # as in a worker: the same arithmetic
+            torch.set_num_threads(self.cook_threads())  # as in a worker: the same arithmetic
             self.dishes = cook(kitchen, names, self.cfg["soup"], done)
         else:
             self.dishes = cook_on_ray(self.kitchen_spec(), self.data, names, self.cfg["soup"], spec["workers"],
@@ -233,12 +233,14 @@ class SoupSweep:
         return (f"on {workers} Ray worker(s) of {spec['resources']['cpu']:g} CPU{gpus} each "
                 f"({size['ray_nodes']} node(s)){fewer}")
 
+    def cook_threads(self) -> int:
+        """torch threads of whatever cooks: a worker's CPUs, in the driver too."""
+        return int(max(1, self.cfg["cook"]["resources"]["cpu"]))
+
     def kitchen_spec(self) -> KitchenSpec:
-        res = self.cfg["cook"]["resources"]
         return KitchenSpec(self.pool.uri, self.task.name, self.task.model_settings(),
                            (self.kitchen.pretrained_id, self.kitchen.data_key), self.cfg["sweep"],
-                           self.kitchen_settings(),
-                           threads=int(max(1, res["cpu"])))
+                           self.kitchen_settings(), threads=self.cook_threads())
 
     def kitchen_settings(self) -> dict:
         return {"precision": self.cfg["precision"], "bn_batches": self.cfg["soup"]["bn_batches"],

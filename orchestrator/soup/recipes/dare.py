@@ -36,8 +36,7 @@ class Dare(Recipe):
             delta, grid = task_vectors.ties_delta(zero, rows, k.load, drop), params["ties_lambdas"]
         else:
             delta, grid = task_vectors.sum_task_vectors(zero, rows, k.load, drop), params["task_arithmetic_lambdas"]
-        lam, state, trace = k.pick_on_val((lam, task_vectors.apply(zero, delta, lam)) for lam in sorted(grid))
-        verdict = k.judge(state)
+        lam, state, verdict, trace = task_arithmetic.pick_scale(k, zero, delta, grid)
         merge_label = "TIES" if params["dare_merge"] == "ties" else "TA"
         return [Dish("dare", f"{Dare.label}-{merge_label} p={params['dare_p']:g} l={lam:g}", verdict.metrics,
                      [r["id"] for r in rows], state,

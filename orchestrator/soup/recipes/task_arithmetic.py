@@ -11,6 +11,13 @@ LAMBDAS = Param("task_arithmetic_lambdas", list, [0.01, 0.02, 0.04, 0.06, 0.08, 
                 "held-out accuracy is the dish", grid_rule("lambda", 0))
 
 
+def pick_scale(k, zero, delta, lambdas):
+    """theta_0 + lambda * delta for the lambda with the best held-out accuracy, judged on every
+    eval set: (lambda, weights, verdict, every lambda's held-out accuracy)."""
+    lam, state, trace = k.pick_on_val((lam, task_vectors.apply(zero, delta, lam)) for lam in sorted(lambdas))
+    return lam, state, k.judge(state), trace
+
+
 @register
 class TaskArithmetic(Recipe):
     name, label, position = "task_arithmetic", "task arithmetic", 70
@@ -34,8 +41,7 @@ class TaskArithmetic(Recipe):
                     best = (lam, state, verdict)
             lam, state, verdict = best
         else:  # on the held-out split only; every eval set for the chosen lambda
-            lam, state, trace = k.pick_on_val((lam, task_vectors.apply(zero, delta, lam)) for lam in lambdas)
-            verdict = k.judge(state)
+            lam, state, verdict, trace = pick_scale(k, zero, delta, lambdas)
             curve = [{"lambda": t["x"], "val_acc": t["val_acc"]} for t in trace]
         return [Dish("task_arithmetic", f"{TaskArithmetic.label} l={lam:g}", verdict.metrics, [r["id"] for r in rows],
                      state, params={"lambda": lam, "n_ingredients": len(rows)}, curve=curve,
