@@ -4,6 +4,7 @@ Layout under the pool root (a local folder or a URI such as s3://bucket/pool):
 
     pool.json                      marker: this folder is a pool
     weights/<sha256>.safetensors   weights, named by their content (never pickle)
+    tables/<sha256>.parquet        a row's table (a trial's training dynamics), named by its content
     manifest/<id>.parquet          one manifest row per ingredient, each file read on its own
 
 The manifest is keyed by ingredient id: each row is its own Parquet file named after
@@ -53,7 +54,10 @@ from orchestrator.common.weights import StateDict
 
 log = logging.getLogger(__name__)
 
-KINDS = ("pretrained", "trial", "soup", "proxy", "fisher")  # fisher: a trial's diagonal Fisher, its parent
+# fisher: a trial's diagonal Fisher (weights-shaped); dynamics: a trial's per-example training
+# dynamics (a table); both name the trial as their parent. selection: the training examples an
+# FTFT sweep chose from another sweep's dynamics (ids in hparams, no file)
+KINDS = ("pretrained", "trial", "soup", "proxy", "fisher", "dynamics", "selection")
 STATUSES = ("ok", "diverged", "failed")
 
 SCHEMA = pa.schema([
@@ -68,7 +72,7 @@ SCHEMA = pa.schema([
     ("history", pa.string()),  # JSON: per-epoch metrics (lets MLflow be replayed from the pool)
     ("parents", pa.list_(pa.string())),  # ingredient ids it was made from (a trial: its start point)
     ("data_key", pa.string()),  # what defined its training data and held-out split (null in older pools)
-    ("weights", pa.string()),  # path relative to the pool root; "" when there are none
+    ("weights", pa.string()),  # the row's file, relative to the pool root (weights, or a table); "" if none
     ("sha256", pa.string()),
     ("mlflow_run_id", pa.string()),
     ("created", pa.timestamp("us", tz="UTC")),
@@ -169,10 +173,11 @@ class Pool:
     def _row_path(self, ingredient_id: str) -> str:
         return f"{self.root}/manifest/{safe_id(ingredient_id)}.parquet"
 
-    def add(self, row: Row, weights: StateDict | None = None) -> dict[str, Any]:
-        """Add one ingredient; returns its row. An id that exists keeps its row, except that a
-        finished row supersedes a `failed` one (a trial that failed, then finished after
-        --resume) and an unreadable one (a crash mid-write); an `ok` row is never replaced."""
+    def add(self, row: Row, weights: StateDict | None = None, table: pa.Table | None = None) -> dict[str, Any]:
+        """Add one ingredient with its weights or its table (not both); returns its row. An id that
+        exists keeps its row, except that a finished row supersedes a `failed` one (a trial that
+        failed, then finished after --resume) and an unreadable one (a crash mid-write); an `ok`
+        row is never replaced."""
         ingredient_id = safe_id(row.id)
         existing = self._readable_row(ingredient_id)
         if existing is not None and not (existing["status"] == "failed" and row.status != "failed"):
@@ -181,10 +186,15 @@ class Pool:
         full.update(id=ingredient_id, weights="", sha256="", created=dt.datetime.now(dt.timezone.utc))
         for col in JSON_COLUMNS:
             full[col] = json.dumps(full[col], sort_keys=True)
-        if weights is not None:
-            blob = st_save(weights)
+        if weights is not None or table is not None:
+            if table is not None:
+                out = io.BytesIO()
+                pq.write_table(table, out)
+                blob, folder, suffix = out.getvalue(), "tables", "parquet"
+            else:
+                blob, folder, suffix = st_save(weights), "weights", "safetensors"
             full["sha256"] = hashlib.sha256(blob).hexdigest()
-            full["weights"] = f"weights/{full['sha256']}.safetensors"
+            full["weights"] = f"{folder}/{full['sha256']}.{suffix}"
             path = f"{self.root}/{full['weights']}"
             if self.fs.get_file_info(path).type != pafs.FileType.File:  # the same name holds the same bytes
                 self._write(path, blob)
@@ -268,6 +278,14 @@ class Pool:
             row = self.get(ingredient) if isinstance(ingredient, str) else ingredient
             raise PoolError(f"{self.uri}: weights of {row['id']} are unreadable ({row['weights']}: {e})") from None
 
+    def load_table(self, ingredient: str | dict[str, Any]) -> pa.Table:
+        """A row's table (e.g. a trial's training dynamics), checked against its sha256."""
+        try:
+            return pq.read_table(self.local_weights(ingredient))
+        except (OSError, pa.ArrowException) as e:
+            row = self.get(ingredient) if isinstance(ingredient, str) else ingredient
+            raise PoolError(f"{self.uri}: table of {row['id']} is unreadable ({row['weights']}: {_first_line(e)})") from None
+
     def local_weights(self, ingredient: str | dict[str, Any]) -> str:
         """A local file holding the ingredient's weights, checked against the sha256 its row
         records: the pool's own file on a local disk, a download into this Pool's cache from
@@ -340,12 +358,12 @@ class Pool:
         unreadable = set(self.unreadable)
         now_ns = time.time_ns()
         out = []
-        for folder in ("manifest", "weights"):
+        for folder in ("manifest", "weights", "tables"):
             for info in self.fs.get_file_info(pafs.FileSelector(f"{self.root}/{folder}", allow_not_found=True)):
                 if info.type != pafs.FileType.File or (now_ns - (info.mtime_ns or now_ns)) / 1e9 < min_age_s:
                     continue
                 temp = info.base_name.startswith(".") and info.base_name.endswith(".tmp")
-                if temp or info.path in unreadable or (folder == "weights" and info.path not in referenced):
+                if temp or info.path in unreadable or (folder != "manifest" and info.path not in referenced):
                     out.append(info.path)
         return sorted(out)
 

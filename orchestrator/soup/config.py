@@ -31,6 +31,11 @@ BASE: dict[str, Any] = {
     # each asking for `resources`; `selection: held_out` measures candidates (WiSE-FT and
     # lambda grids) on the held-out split only and every eval set only for the final dishes
     "cook": {"workers": 2, "resources": {"cpu": 1.0, "gpu": 0.0}, "selection": "all"},
+    # every trial records p(gold) and correctness of every training example per epoch (data maps)
+    "record_dynamics": True,
+    # FTFT: train on the examples another sweep's dynamics chose (from_sweep "" = all examples);
+    # region: ambiguous | hard_to_learn | easy | random (the control), `fraction` of the training set
+    "data_selection": {"from_sweep": "", "region": "ambiguous", "fraction": 0.33, "seed": 0},
 }
 SELECTIONS = ("all", "held_out")
 FREE_FORM = ("task", "hyperparameters", "evals")  # mappings of user-chosen names
@@ -61,6 +66,11 @@ def validate(raw: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
           f"must be one of {', '.join(PRECISIONS)}, got {cfg['precision']!r}")
     _check_soup(cfg["soup"], source)
     _check_cook(cfg["cook"], source)
+    check(isinstance(cfg["record_dynamics"], bool), source, "record_dynamics",
+          f"must be true or false, got {cfg['record_dynamics']!r}")
+    _check_selection(cfg["data_selection"], source)
+    check(cfg["data_selection"]["from_sweep"] != cfg["sweep"], source, "data_selection.from_sweep",
+          f"must name another sweep than this one ({cfg['sweep']!r})")
     for name, spec in cfg["hyperparameters"].items():
         check_hparam(name, spec, HPARAMS, source)
     mixup = cfg["hyperparameters"].get("mixup", 0)
@@ -73,9 +83,13 @@ def _check_task(cfg: dict[str, Any], source: str) -> None:
     task = cfg["task"]
     check(isinstance(task.get("name"), str) and task["name"] in TASKS, source, "task.name",
           f"unknown task {task.get('name')!r} (known: {', '.join(sorted(TASKS))})")
-    cfg["task"] = {"name": task["name"], **merge(TASKS[task["name"]].defaults,
+    cfg["task"] = {"name": task["name"], **merge(TASKS[task["name"]].all_defaults(),
                                                   {k: v for k, v in task.items() if k != "name"}, source, "task.",
                                                   FREE_FORM)}
+    noise = cfg["task"]["label_noise"]
+    check(is_number(noise) and 0 <= noise < 1, source, "task.label_noise", f"must be a number in [0, 1), got {noise!r}")
+    check(isinstance(cfg["task"]["label_noise_seed"], int), source, "task.label_noise_seed",
+          f"must be an integer, got {cfg['task']['label_noise_seed']!r}")
     try:
         make_task(cfg)
     except ValueError as e:
@@ -113,6 +127,18 @@ def _check_cook(cook: dict[str, Any], source: str) -> None:
         check(is_number(value) and value >= 0, source, f"cook.resources.{key}", f"must be a number >= 0, got {value!r}")
     check(cook["selection"] in SELECTIONS, source, "cook.selection",
           f"must be one of {', '.join(SELECTIONS)}, got {cook['selection']!r}")
+
+
+def _check_selection(sel: dict[str, Any], source: str) -> None:
+    from orchestrator.dynamics.cartography import REGIONS
+
+    check(isinstance(sel["from_sweep"], str), source, "data_selection.from_sweep",
+          f"must be a sweep name, got {sel['from_sweep']!r}")
+    check(sel["region"] in REGIONS, source, "data_selection.region",
+          f"must be one of {', '.join(REGIONS)}, got {sel['region']!r}")
+    check(is_number(sel["fraction"]) and 0 < sel["fraction"] <= 1, source, "data_selection.fraction",
+          f"must be a number in (0, 1], got {sel['fraction']!r}")
+    check(isinstance(sel["seed"], int), source, "data_selection.seed", f"must be an integer, got {sel['seed']!r}")
 
 
 def task_settings(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -28,12 +28,14 @@ from orchestrator.common.cli import add_common_flags, route_library_output, run_
 from orchestrator.common.config import search_space, shipped_configs
 from orchestrator.common.errors import PoolError, UserError
 from orchestrator.common.pool import Pool, Row
+from orchestrator.common.weights import digest
 from orchestrator.soup.config import DEFAULT_CONFIG, load_config, make_task
 from orchestrator.soup.cooking import KitchenSpec, cook_on_ray, room
 from orchestrator.soup.kitchen import Kitchen, check_cookable
 from orchestrator.soup.pretrained import ensure_pretrained
 from orchestrator.soup.publish import Publisher, parent_metrics
 from orchestrator.soup.recipes import RECIPES, cook, default_recipes, ordered, unavailable
+from orchestrator.soup.tasks.base import View
 from orchestrator.soup.summary import interval_metrics, summary_table
 from orchestrator.soup.train import metric_sets
 
@@ -79,6 +81,7 @@ class SoupSweep:
         self.resume_path: str | None = None
         self.kitchen: Kitchen | None = None
         self.dishes = []
+        self.data_map = None
 
     def check_inputs(self) -> None:
         """Every input is read and checked before anything is written."""
@@ -86,7 +89,7 @@ class SoupSweep:
         overrides = list(args.overrides) + ([f"num_samples={args.num_samples}"] if args.num_samples is not None else [])
         self.cfg = load_config(args.config, overrides, args.preset)
         self.task = make_task(self.cfg)
-        self.data = self.task.data()  # the user's files are read and checked here
+        self.data = self.task.training_data()  # the user's files are read and checked here
         self.uri = tracking.resolve_uri(args.tracking_uri)
         tracking.check_reachable(self.uri)
         if not args.skip_train or self.cfg["cook"]["workers"]:
@@ -101,6 +104,7 @@ class SoupSweep:
             raise PoolError(f"{self.pool.uri}: no pretrained weights for task {self.task.name} "
                             f"({self.task.pretrained_id()}), so nothing to cook from; "
                             "run a sweep without --skip-train first")
+        self.all_train, self.data_key, self.selection = select_training(self.cfg, self.task, self.data, self.pool)
         self.recipes = ordered(self.cfg["soup"]["recipes"])
         if args.skip_train:  # a pool with nothing to cook is an error before MLflow is touched
             check_cookable(self.make_kitchen())
@@ -129,6 +133,13 @@ class SoupSweep:
             params={"pool": self.pool.uri, "skip_train": args.skip_train, "resumed": self.resume_path or "",
                     "task": self.task.name, "num_samples": cfg["num_samples"], "pretrained_id": self.pretrained["id"]})
         tracking.log_dict(self.uri, self.parent, self.cfg, "config.yaml")  # reusable as --config
+        if self.selection:  # the chosen example ids, with the sweep in the pool and in MLflow
+            self.pool.add(Row(id=f"selection-{cfg['sweep']}-{self.data_key[:16]}", kind="selection",
+                              sweep=cfg["sweep"], task=self.task.name, status="ok", hparams=self.selection,
+                              data_key=self.data_key))
+            tracking.log_dict(self.uri, self.parent, self.selection, "data_selection.json")
+            tracking.log_params(self.uri, self.parent, {f"data_selection.{k}": v for k, v in self.selection.items()
+                                                        if k != "ids"})
 
     def train(self) -> None:
         """Fan the trials out with Ray Tune; each one publishes itself to the pool and MLflow."""
@@ -148,9 +159,10 @@ class SoupSweep:
                            experiment_id=self.experiment, parent_run_id=self.parent,
                            cpus_per_trial=int(max(1, res["cpu"])), task_name=self.task.name,
                            task_settings=self.task.model_settings(), pretrained_id=self.pretrained["id"],
-                           data_key=self.task.data_key(), reusable={} if args.retrain else self.reusable_trials(),
+                           data_key=self.data_key, reusable={} if args.retrain else self.reusable_trials(),
                            precision=cfg["precision"], resources=dict(res), storage=args.storage,
-                           fisher_examples=cfg["soup"]["fisher_examples"] if "fisher" in self.recipes else 0)
+                           fisher_examples=cfg["soup"]["fisher_examples"] if "fisher" in self.recipes else 0,
+                           record_dynamics=cfg["record_dynamics"])
         run = tune.TuneRun(
             name=self.run_name, storage=args.storage,
             trainable=ray_tune.with_parameters(run_trial, ctx=ctx, data=self.data),
@@ -173,7 +185,7 @@ class SoupSweep:
             print(f"trial {failed.trial_id} failed after {cfg['max_failures']} retries: {failed.error}",
                   file=sys.stderr)
             self.pool.add(Row(id=failed.trial_id, kind="trial", sweep=cfg["sweep"], task=self.task.name,
-                              status="failed", parents=[self.pretrained["id"]], data_key=self.task.data_key()))
+                              status="failed", parents=[self.pretrained["id"]], data_key=self.data_key))
         added, _ = tracking.replay_pool(self.pool, self.uri, sweep=cfg["sweep"], parent=self.parent)
         if added:  # trials that could not reach MLflow (e.g. a server bound to the head's 127.0.0.1)
             print(f"MLflow: logged {added} trial(s) from the pool that could not log themselves")
@@ -185,13 +197,14 @@ class SoupSweep:
         df = self.pool.manifest()
         if df.empty:
             return {}
-        start, key = self.pretrained["id"], self.task.data_key()
+        start, key = self.pretrained["id"], self.data_key
         mine = df[(df["kind"] == "trial") & (df["status"] == "ok") & (df["sweep"] == self.cfg["sweep"])]
         return {trial_definition(start, key, r["hparams"]): r["id"] for r in mine.to_dict("records")
                 if len(r["parents"]) and r["parents"][0] == start and r.get("data_key") == key}
 
     def make_kitchen(self) -> Kitchen:
-        self.kitchen = Kitchen(self.pool, self.task, self.data, sweep=self.cfg["sweep"], settings=self.kitchen_settings())
+        self.kitchen = Kitchen(self.pool, self.task, self.data, sweep=self.cfg["sweep"], settings=self.kitchen_settings(),
+                               keys=(self.task.pretrained_id(), self.data_key))
         return self.kitchen
 
     def cook(self) -> None:
@@ -262,17 +275,37 @@ class SoupSweep:
             manifest = os.path.join(tmp, "manifest.parquet")
             self.pool.manifest()[lambda df: df.columns[:14]].to_parquet(manifest)
             tracking.log_file(uri, parent, manifest)
+            self.report_data_map(tmp)
         table = summary_table(self.dishes, groups)
         tracking.log_metrics(uri, parent, {**parent_metrics(self.dishes), **interval_metrics(self.dishes, groups)})
         tracking.log_text(uri, parent, table, "summary.txt")
         print()
         print(table)
+        if self.data_map:
+            print("\n" + self.map_summary)
         print(f"\n{len(kitchen.ingredients)} usable ingredients; finished in {time.time() - self.t0:.0f} s")
         print(f"pool:   {self.pool.uri}  (python -m orchestrator.pool show --pool {self.pool.uri})")
         print(f"MLflow: {uri}, experiment {self.cfg['sweep']!r}, parent run {parent}")
         print(f"        browse with: mlflow ui --backend-store-uri {uri}")
-        print("plot:   artifact soups_id_vs_ood.png on the parent run")
+        print("plot:   artifact soups_id_vs_ood.png on the parent run"
+              + ("; the data map under data_map/" if self.data_map else ""))
         print(f"log:    {self.args.log_file}  (Ray's, Tune's and MLflow's own messages)")
+
+    def report_data_map(self, tmp: str) -> None:
+        """The sweep's data map (when its trials recorded dynamics), logged under data_map/."""
+        from orchestrator.dynamics import report
+
+        self.data_map = None
+        if not self.cfg["record_dynamics"]:
+            return
+        try:
+            self.data_map = report.load(self.pool, self.cfg["sweep"], self.data_key)
+        except UserError:
+            return  # e.g. --skip-train on a pool whose trials predate recording
+        for path in report.write(self.data_map, self.task, self.all_train, os.path.join(tmp, "data_map")):
+            tracking.log_file(self.uri, self.parent, path, "data_map")
+        tracking.log_metrics(self.uri, self.parent, report.metrics(self.data_map))
+        self.map_summary = report.summary(self.data_map)
 
     def run(self) -> int:
         self.check_inputs()
@@ -296,6 +329,22 @@ class SoupSweep:
             if not lost:
                 tracking.end_run(self.uri, self.parent, status)
         return 0
+
+
+def select_training(cfg: dict, task, data, pool: Pool) -> tuple:
+    """With `data_selection` (FTFT), narrow `data.train` (the task's training_data()) to the region of
+    another sweep's data map it names. Returns (the full training set, which example ids index;
+    the data key, of which the chosen ids are part; the selection, or None)."""
+    from orchestrator.dynamics import report
+
+    all_train, key, sel = data.train, task.data_key(), cfg["data_selection"]
+    if not sel["from_sweep"]:
+        return all_train, key, None
+    ids = report.select(pool, sel["from_sweep"], key, sel["region"], sel["fraction"], sel["seed"])
+    data.train = View(data.train, torch.as_tensor(ids))
+    print(f"data_selection: training on {len(ids)} of {len(all_train)} examples, the "
+          f"{sel['region'].replace('_', '-')} {sel['fraction']:.0%} of sweep {sel['from_sweep']}'s data map", flush=True)
+    return all_train, digest(key, {"train_ids": ids.tolist()}), {**sel, "examples": len(ids), "ids": ids.tolist()}
 
 
 def describe_trial(config: dict, result: dict) -> str:

@@ -8,6 +8,7 @@ same batches it would have seen.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, default_collate
 
-from orchestrator.soup.tasks.base import Examples, StateDict, Task, TaskData, to_device
+from orchestrator.dynamics.record import Recorder
+from orchestrator.soup.tasks.base import Examples, StateDict, Task, TaskData, example_ids, to_device
 
 # Every hyperparameter a trial understands, with its default. The search space may
 # sample any of them; an unknown name in a config is an error.
@@ -135,6 +137,21 @@ def recompute_batchnorm(task: Task, model: torch.nn.Module, examples: Examples, 
     model.eval()
 
 
+@contextlib.contextmanager
+def frozen_batchnorm(model: torch.nn.Module):
+    """BatchNorm layers still normalise with batch statistics but leave their running ones as they were."""
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
+
+
 def load_into(model: torch.nn.Module, state: StateDict) -> torch.nn.Module:
     dev = next(model.parameters()).device
     model.load_state_dict({k: v.to(dev) for k, v in state.items()})
@@ -157,6 +174,7 @@ class FineTune:
     rank: int = 0  # data-parallel: this worker trains on rows rank::world of every batch
     world: int = 1
     wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None  # e.g. DistributedDataParallel
+    record_dynamics: bool = True  # p(gold) and correctness of every training example, per epoch
     epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -168,6 +186,8 @@ class FineTune:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.hp["lr"], weight_decay=self.hp["weight_decay"])
         self.steps_per_epoch = math.ceil(len(self.data.train) / self.hp["batch_size"])
         self.total_steps = self.hp["epochs"] * self.steps_per_epoch
+        self.dynamics = Recorder() if self.record_dynamics else None
+        self.ids = example_ids(self.data.train)  # stable example ids (subsets keep the full set's)
 
     @property
     def done(self) -> bool:
@@ -194,7 +214,7 @@ class FineTune:
         self.forward.train()
         total, count = 0.0, 0
         workers_seed = torch.Generator().manual_seed(seed + 1)  # its own: a draw from `gen` would shift augmentation
-        for i, (x, y) in enumerate(loader(train, batches, self.task.num_workers, workers_seed)):
+        for i, (batch, (x, y)) in enumerate(zip(batches, loader(train, batches, self.task.num_workers, workers_seed))):
             for group in self.opt.param_groups:
                 group["lr"] = self.lr_at(self.epoch * self.steps_per_epoch + i)
             x = to_device(self.task.augment(x, hp["augment"], gen), dev)
@@ -203,9 +223,13 @@ class FineTune:
             if hp["mixup"] > 0:
                 lam = float(rng.beta(hp["mixup"], hp["mixup"]))
                 perm = torch.randperm(len(y), generator=gen).to(dev)
+                if self.dynamics:  # the unmixed examples' own probabilities, not the mixed input's
+                    self.dynamics.add(self.ids[batch], self._unmixed_logits(x), y)
                 x = lam * x + (1 - lam) * x[perm]
             with autocast(self.precision):
                 logits = self.task.logits(self.forward, x).float()
+            if self.dynamics and perm is None:
+                self.dynamics.add(self.ids[batch], logits, y)
             loss = lam * F.cross_entropy(logits, y, label_smoothing=hp["label_smoothing"])
             if perm is not None:
                 loss = loss + (1 - lam) * F.cross_entropy(logits, y[perm], label_smoothing=hp["label_smoothing"])
@@ -216,8 +240,19 @@ class FineTune:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.opt.step()
             total, count = total + loss.item() * len(y), count + len(y)
+        if self.dynamics:
+            self.dynamics.end_epoch(self.epoch, self.world)
         self.epoch += 1
         return total / count
+
+    @torch.no_grad()
+    def _unmixed_logits(self, x) -> torch.Tensor:
+        """With mixup the training forward pass sees mixed inputs, so recording dynamics costs one
+        more forward pass: still in train mode, but on the side (the global RNG that dropout draws
+        from and BatchNorm's running statistics are left as they were), so training is unchanged."""
+        devices = [torch.cuda.current_device()] if device().type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), frozen_batchnorm(self.model), autocast(self.precision):
+            return self.task.logits(self.model, x).float()
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         finite = torch.isfinite(loss.detach()).float()
@@ -230,10 +265,13 @@ class FineTune:
 
     def state(self) -> dict[str, Any]:
         """Optimizer state and progress; plain tensors and numbers, loadable with weights_only=True."""
-        return {"optimizer": self.opt.state_dict(), "epoch": self.epoch, "history": self.history}
+        return {"optimizer": self.opt.state_dict(), "epoch": self.epoch, "history": self.history,
+                **({"dynamics": self.dynamics.state()} if self.dynamics else {})}
 
     def restore(self, weights: StateDict, state: dict[str, Any]) -> None:
         load_into(self.model, weights)
         self.opt.load_state_dict(state["optimizer"])
         self.epoch = int(state["epoch"])
         self.history = list(state.get("history", []))
+        if self.dynamics and "dynamics" in state:  # a checkpoint of an older version has none
+            self.dynamics.restore(state["dynamics"], self.epoch)

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
 import torch
 
 from orchestrator.common.pool import Row
@@ -34,6 +35,7 @@ class SweepContext(TrialContext):
     storage: str = ""  # Tune storage; data-parallel trials keep their Ray Train runs under it
     reusable: dict[str, str] = field(default_factory=dict)  # trial_definition -> id of an ok trial in the pool
     fisher_examples: int = 0  # > 0: estimate the diagonal Fisher at the end (the fisher recipe's input)
+    record_dynamics: bool = True  # per-example training dynamics into the pool (data maps, FTFT)
 
 
 def trial_definition(start_point: str, data_key: str, hp: dict[str, Any]) -> str:
@@ -106,7 +108,7 @@ def fine_tune(hp: dict[str, Any], ctx: SweepContext, data: TaskData, trial: Tria
     pretrained = trial.pool.load(ctx.pretrained_id)
     world, wrap = parallel
     run = FineTune(task, data, pretrained, hp, precision=ctx.precision, rank=trial.reporter.rank, world=world,
-                   wrap=wrap)
+                   wrap=wrap, record_dynamics=ctx.record_dynamics)
     trial.track(f"trial-{trial.id}", run.hp)
     if trial.resume(run):  # a retried trial resumes from its last finished epoch
         print(f"trial {trial.id}: resuming after epoch {run.epoch} from its checkpoint")
@@ -135,8 +137,11 @@ def fine_tune(hp: dict[str, Any], ctx: SweepContext, data: TaskData, trial: Tria
         trial.mlflow.metrics(metrics, step=run.epoch)
         report = {**metrics, "epoch": run.epoch, "diverged": 0.0}
         if run.done:  # final epoch: publish to the pool before the last report
-            if ctx.fisher_examples:  # before the trial's row: a finished trial has its Fisher
+            # before the trial's row: a finished trial has its Fisher and its dynamics
+            if ctx.fisher_examples:
                 metrics["fisher_seconds"] = store_fisher(task, run, data, ctx, trial)
+            if run.dynamics:
+                store_dynamics(task, run, data, ctx, trial)
             weights = run.weights()
             trial.publish(row("ok", metrics, arch_fingerprint(weights)), weights)
             report["ingredient_id"] = trial.id
@@ -154,3 +159,18 @@ def store_fisher(task, run: FineTune, data: TaskData, ctx: SweepContext, trial: 
                        hparams={"examples": min(ctx.fisher_examples, len(data.train)), "seed": 0},
                        metrics={"seconds": seconds}, parents=[trial.id], arch=arch_fingerprint(fisher)), fisher)
     return seconds
+
+
+def store_dynamics(task, run: FineTune, data: TaskData, ctx: SweepContext, trial: Trial) -> None:
+    """The trial's per-example training dynamics into the pool: a Parquet table (id, epoch, p_gold,
+    correct, flipped) in a row whose parent is the trial."""
+    frame = run.dynamics.frame(flipped=data.flipped if data.flipped is not None
+                               else torch.zeros(len(run.ids) and int(run.ids.max()) + 1, dtype=torch.bool))
+    trial.pool.add(Row(id=dynamics_row_id(trial.id), kind="dynamics", sweep=ctx.sweep, task=task.name, status="ok",
+                       hparams={"examples": len(data.train), "epochs": run.epoch, "mixup": run.hp["mixup"]},
+                       metrics={"mean_p_gold": float(frame["p_gold"].mean())}, parents=[trial.id],
+                       data_key=ctx.data_key), table=pa.Table.from_pandas(frame, preserve_index=False))
+
+
+def dynamics_row_id(trial_id: str) -> str:
+    return f"{trial_id}.dynamics"

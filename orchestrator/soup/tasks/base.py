@@ -16,10 +16,14 @@ from typing import Any, ClassVar, Union
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from orchestrator.common.weights import StateDict, digest
 
+
+# Settings every task has: flip this fraction of the training labels (seeded), to measure
+# how well training dynamics find label errors
+COMMON_DEFAULTS: dict[str, Any] = {"label_noise": 0.0, "label_noise_seed": 0}
 
 Inputs = Union[torch.Tensor, dict[str, torch.Tensor]]  # a batch: one tensor, or named tensors (token ids, masks)
 
@@ -60,6 +64,58 @@ class TensorExamples(Examples):
         return batch  # already a batch
 
 
+class View(Examples):
+    """Some examples of another Examples, in a given order, with labels of their own: a training
+    subset chosen by another sweep's dynamics (FTFT), or training labels with noise injected.
+    `ids` are the examples' positions in the base set, the stable ids dynamics are keyed by."""
+
+    def __init__(self, base: Examples, ids: torch.Tensor, labels: torch.Tensor | None = None):
+        if isinstance(base, View):  # a view of a view: index the original directly
+            base, ids = base.base, base.ids[ids]
+        self.base, self.ids = base, torch.as_tensor(ids, dtype=torch.long)
+        self.labels = base.labels[self.ids] if labels is None else torch.as_tensor(labels)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return self.base[int(self.ids[i])][0], self.labels[i]
+
+    def __getitems__(self, idx: list[int]):
+        if hasattr(self.base, "__getitems__"):  # the base fetches whole batches (e.g. TensorExamples)
+            x, _ = self.base.__getitems__(self.ids[torch.as_tensor(idx)].tolist())
+            return x, self.labels[torch.as_tensor(idx)]
+        return [self[i] for i in idx]
+
+    @property
+    def collate(self):
+        return getattr(self.base, "collate", default_collate)
+
+    def with_transform(self, transform) -> "View":  # tasks that transform per example (timm_image)
+        return View(self.base.with_transform(transform), self.ids, self.labels)
+
+
+def example_ids(examples: Examples) -> torch.Tensor:
+    """Each example's stable id: its position in the task's training set as `Task.data()` made it."""
+    return examples.ids if isinstance(examples, View) else torch.arange(len(examples))
+
+
+def flip_labels(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels with `round(fraction * n)` of them flipped to another class (uniform over the classes
+    present), seeded; returns (new labels, bool mask of the flipped ones)."""
+    gen = torch.Generator().manual_seed(seed)
+    classes = labels.unique()
+    n_flip = round(fraction * len(labels))
+    flip = torch.randperm(len(labels), generator=gen)[:n_flip]
+    position = torch.searchsorted(classes, labels[flip])
+    shift = torch.randint(1, len(classes), (n_flip,), generator=gen)  # never the class it had
+    new = labels.clone()
+    new[flip] = classes[(position + shift) % len(classes)]
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    mask[flip] = True
+    return new, mask
+
+
 @dataclass
 class TaskData:
     """A task's examples. `evals` maps eval-set name -> Examples; (inputs, labels) tuples are
@@ -73,6 +129,8 @@ class TaskData:
     # the OOD sets that are synthetic corruptions of the ID test set (noise, rotation, blur),
     # which fine-tuning itself tends to fix; every other OOD set is a natural shift
     corruptions: list[str] = field(default_factory=list)
+    # training examples whose label was flipped on purpose (task.label_noise), by example id
+    flipped: torch.Tensor | None = None
 
     @property
     def natural(self) -> list[str]:
@@ -91,7 +149,12 @@ class Task(ABC):
     defaults: ClassVar[dict[str, Any]]
 
     def __init__(self, settings: dict[str, Any] | None = None):
-        self.settings = {**self.defaults, **(settings or {})}
+        self.settings = {**self.all_defaults(), **(settings or {})}
+
+    @classmethod
+    def all_defaults(cls) -> dict[str, Any]:
+        """The task's settings with their defaults, the ones every task has included."""
+        return {**COMMON_DEFAULTS, **cls.defaults}
 
     @abstractmethod
     def build_model(self) -> nn.Module:
@@ -106,6 +169,16 @@ class Task(ABC):
     def data(self) -> TaskData:
         """Fine-tuning data and every eval set, deterministic given the settings."""
 
+    def training_data(self) -> TaskData:
+        """`data()` as trials train on it: with `label_noise` of the training labels flipped
+        (seeded; `TaskData.flipped` says which), for label-error triage experiments."""
+        data = self.data()
+        fraction = self.settings["label_noise"]
+        if fraction > 0:
+            labels, data.flipped = flip_labels(data.train.labels, fraction, self.settings["label_noise_seed"])
+            data.train = View(data.train, torch.arange(len(labels)), labels)
+        return data
+
     def logits(self, model: nn.Module, x: Inputs) -> torch.Tensor:
         """Logits over the task's labels (a task may read a slice of a wider head)."""
         return model(x)
@@ -118,6 +191,16 @@ class Task(ABC):
         """The training examples as a trial with hyperparameters `hp` sees them (a task with
         per-example augmentation, such as RandAugment on images, returns a transformed view)."""
         return train
+
+    def example_view(self, examples: Examples, index: int) -> str | torch.Tensor:
+        """How a person sees one example (data maps list the hardest): an image as an HxW or HxWxC
+        tensor scaled to [0, 1], or a text."""
+        x, _ = examples[index]
+        if isinstance(x, torch.Tensor) and x.ndim == 3:  # channels x height x width
+            x = x.float()
+            x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-8)
+            return x[0] if x.shape[0] == 1 else x.permute(1, 2, 0)
+        return str(x)
 
     supports_mixup: ClassVar[bool] = True  # mixing inputs needs continuous inputs (not token ids)
 
@@ -139,7 +222,13 @@ class Task(ABC):
 
     def data_key(self) -> str:
         """Hash of what defines the training data and the held-out split. Trials of another key
-        trained on other data or are ranked on another held-out set: they never share a soup."""
+        trained on other data or are ranked on another held-out set: they never share a soup.
+        Label noise is part of it (a clean pool keeps the key it had before label noise existed)."""
+        noise = {k: self.settings[k] for k in COMMON_DEFAULTS}
+        return digest(self.split_key(), noise) if noise["label_noise"] else self.split_key()
+
+    def split_key(self) -> str:
+        """Hash of the settings that define the clean training data and the held-out split."""
         return digest(self.name, {k: self.settings[k] for k in self.split_settings})
 
     def pretrained_id(self) -> str:

@@ -126,6 +126,10 @@ class HFTextTask(FileTask):
     def examples(self, inputs: list, labels: torch.Tensor) -> Examples:
         return TokenExamples(self.encode(inputs), labels)
 
+    def example_view(self, examples: Examples, index: int) -> str:
+        x, _ = examples[index]
+        return self.tokenizer.decode(x["input_ids"], skip_special_tokens=True)
+
     def serve_inputs(self, model_input: Any) -> dict[str, torch.Tensor]:
         """Texts: a list, an array, or a DataFrame whose first column holds them."""
         if hasattr(model_input, "iloc") and getattr(model_input, "ndim", 1) == 2:

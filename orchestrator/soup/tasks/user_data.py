@@ -222,7 +222,7 @@ class FileTask(Task):
         ood = [n for n in d["evals"] if n != d["id_test"]]
         return TaskData(train=self.examples(*train), evals=evals, val="val", id_test=d["id_test"], ood=ood)
 
-    def data_key(self) -> str:
+    def split_key(self) -> str:
         """The data settings (files, columns, labels, val_fraction, split_seed) and each file's
         size and modification time."""
         return digest(self.name, self.settings["data"], data_fingerprint(self.settings["data"]))
