@@ -99,7 +99,8 @@ class SoupSweep:
             self.resume_path = tune.latest_run(args.storage, self.cfg["sweep"])
             if self.resume_path is None:
                 raise UserError(f"--resume: no run of sweep {self.cfg['sweep']!r} to restore under {args.storage}")
-        self.pool = Pool(args.pool, create=not args.skip_train)
+        # a data_selection reads the pool: it must be there already
+        self.pool = Pool(args.pool, create=not args.skip_train and not self.cfg["data_selection"]["from_sweep"])
         if args.skip_train and not self.pool.has(self.task.pretrained_id()):
             raise PoolError(f"{self.pool.uri}: no pretrained weights for task {self.task.name} "
                             f"({self.task.pretrained_id()}), so nothing to cook from; "

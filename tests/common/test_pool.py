@@ -358,6 +358,29 @@ def test_gc_removes_unreadable_rows_and_the_weights_only_they_referenced(pool, c
     assert pool.verify() == [] and list(pool.manifest()["id"]) == ["trial-1"]
 
 
+def dynamics_row(trial: str) -> Row:
+    return Row(id=f"{trial}.dynamics", kind="dynamics", sweep="s1", task="glyphs", status="ok", parents=[trial])
+
+
+def test_a_table_row_round_trips_is_verified_and_kept_by_gc(pool):
+    import pyarrow as pa
+
+    table = pa.table({"id": [2, 0, 1], "epoch": [0, 0, 0], "p_gold": [0.5, 0.25, 1.0], "correct": [True, False, True]})
+    pool.add(row(1), weights(1))
+    added = pool.add(dynamics_row("trial-1"), table=table)
+    assert added["weights"].startswith("tables/") and added["weights"].endswith(".parquet")
+    assert pool.load_table("trial-1.dynamics").equals(table)
+    orphan = os.path.join(pool.root, "tables", "gone.parquet")
+    with open(orphan, "wb") as f:
+        f.write(b"left behind")
+    assert pool.garbage(min_age_s=0) == [orphan]  # the referenced table stays
+    with open(os.path.join(pool.root, added["weights"]), "r+b") as f:
+        f.write(b"X")  # damaged after it was written
+    assert any("trial-1.dynamics" in p and "corrupt" in p for p in pool.verify())
+    with pytest.raises(PoolError, match="trial-1.dynamics"):
+        pool.load_table("trial-1.dynamics")
+
+
 def test_missing_weights_are_reported(pool):
     pool.add(row(1), weights(1))
     pool.add(row(2), weights(2))

@@ -20,6 +20,13 @@ from orchestrator import soup_sweep
     (["task.name=imagenet"], "task.name: unknown task 'imagenet'"),
     (["bogus=1"], "bogus: unknown key"),
     (["--skip-train"], "not a pool"),
+    (["task.label_noise=1.5"], "task.label_noise: must be a number in [0, 1), got 1.5"),
+    (["data_selection.region=middle"], "data_selection.region: must be one of ambiguous, hard_to_learn, easy, random"),
+    (["data_selection.fraction=0"], "data_selection.fraction: must be a number in (0, 1], got 0"),
+    (["data_selection.from_sweep=glyphs_soup"], "data_selection.from_sweep: must name another sweep"),
+    (["data_selection.form_sweep=ref"], "data_selection.form_sweep: unknown key"),
+    (["data_selection.from_sweep=ref"], "not a pool"),  # a selection reads an existing pool
+    (["record_dynamics=maybe"], "record_dynamics"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, args, expected):
     monkeypatch.chdir(tmp_path)

@@ -70,10 +70,11 @@ class View(Examples):
     `ids` are the examples' positions in the base set, the stable ids dynamics are keyed by."""
 
     def __init__(self, base: Examples, ids: torch.Tensor, labels: torch.Tensor | None = None):
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        labels = base.labels[ids] if labels is None else torch.as_tensor(labels)  # the view's own labels
         if isinstance(base, View):  # a view of a view: index the original directly
             base, ids = base.base, base.ids[ids]
-        self.base, self.ids = base, torch.as_tensor(ids, dtype=torch.long)
-        self.labels = base.labels[self.ids] if labels is None else torch.as_tensor(labels)
+        self.base, self.ids, self.labels = base, ids, labels
 
     def __len__(self) -> int:
         return len(self.ids)

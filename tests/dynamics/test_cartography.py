@@ -1,0 +1,90 @@
+"""Dataset cartography's math on hand-computed examples; label noise and training subsets."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from orchestrator.dynamics.cartography import average_maps, example_stats, region_ids, triage, with_regions
+from orchestrator.soup.tasks.base import TensorExamples, View, example_ids, flip_labels
+
+
+def frame(rows):
+    return pd.DataFrame(rows, columns=["id", "epoch", "p_gold", "correct", "flipped"])
+
+
+# three examples over two epochs: 0 is hard (and flipped), 1 easy, 2 ambiguous
+DYN = frame([(0, 0, 0.2, False, True), (0, 1, 0.4, False, True),
+             (1, 0, 0.9, True, False), (1, 1, 0.9, True, False),
+             (2, 0, 0.1, False, False), (2, 1, 0.9, True, False)])
+
+
+def test_confidence_variability_correctness_by_hand():
+    s = example_stats(DYN)
+    assert s["confidence"].tolist() == pytest.approx([0.3, 0.9, 0.5])
+    assert s["variability"].tolist() == pytest.approx([0.1, 0.0, 0.4])  # population std: |a - b| / 2
+    assert s["correctness"].tolist() == [0.0, 1.0, 0.5]
+    assert s["epochs"].tolist() == [2, 2, 2]
+    assert s["flipped"].tolist() == [True, False, False]
+
+
+def test_regions_are_the_thirds():
+    s = with_regions(example_stats(DYN))
+    assert s["region"].tolist() == ["hard_to_learn", "easy", "ambiguous"]
+    assert s["ambiguous"].sum() == s["hard_to_learn"].sum() == s["easy"].sum() == 1
+
+
+def test_triage_precision_and_recall_by_hand():
+    rng = np.random.default_rng(0)
+    stats = pd.DataFrame({"confidence": rng.uniform(0.5, 1, 100), "variability": 0.0,
+                          "flipped": np.zeros(100, bool)}).rename_axis("id")
+    stats.loc[[3, 7, 11, 50], "confidence"] = [0.01, 0.02, 0.03, 0.99]  # three found, one missed
+    stats.loc[[3, 7, 11, 50], "flipped"] = True
+    stats.loc[[20, 21], "confidence"] = [0.04, 0.05]  # clean but low: two false positives
+    t = triage(stats, fraction=0.05)  # the lowest 5: ids 3, 7, 11, 20, 21
+    assert (t["examples"], t["hits"], t["flipped"]) == (5, 3, 4)
+    assert t["precision"] == pytest.approx(3 / 5) and t["recall"] == pytest.approx(3 / 4)
+
+
+def test_region_selection_is_deterministic_and_sized():
+    rng = np.random.default_rng(1)
+    stats = pd.DataFrame({"confidence": rng.uniform(size=90), "variability": rng.uniform(size=90)}).rename_axis("id")
+    amb = region_ids(stats, "ambiguous", 1 / 3)
+    assert len(amb) == 30 and set(amb) == set(stats["variability"].nlargest(30).index)
+    assert set(region_ids(stats, "hard_to_learn", 1 / 3)) == set(stats["confidence"].nsmallest(30).index)
+    assert set(region_ids(stats, "easy", 1 / 3)) == set(stats["confidence"].nlargest(30).index)
+    r1, r2 = region_ids(stats, "random", 1 / 3, seed=5), region_ids(stats, "random", 1 / 3, seed=5)
+    assert list(r1) == list(r2) and len(r1) == 30 and list(r1) != list(region_ids(stats, "random", 1 / 3, seed=6))
+    tied = pd.DataFrame({"confidence": [0.5] * 6, "variability": 0.0}).rename_axis("id")
+    assert list(region_ids(tied, "hard_to_learn", 0.5)) == [0, 1, 2]  # ties broken by id
+
+
+def test_averaged_map_weighs_trials_equally():
+    a = example_stats(DYN)
+    b = a.copy()
+    b["confidence"] = [0.5, 0.7, 0.1]
+    avg = average_maps([a, b])
+    assert avg["confidence"].tolist() == pytest.approx([0.4, 0.8, 0.3])
+    assert avg["trials"].tolist() == [2, 2, 2]
+
+
+def test_flip_labels_is_seeded_exact_and_never_keeps_the_class():
+    labels = torch.arange(200) % 7
+    new, mask = flip_labels(labels, 0.1, seed=3)
+    again, mask2 = flip_labels(labels, 0.1, seed=3)
+    other, mask3 = flip_labels(labels, 0.1, seed=4)
+    assert torch.equal(new, again) and torch.equal(mask, mask2) and not torch.equal(mask, mask3)
+    assert int(mask.sum()) == 20
+    assert (new[mask] != labels[mask]).all() and torch.equal(new[~mask], labels[~mask])
+    assert set(new.tolist()) <= set(range(7))
+
+
+def test_a_view_keeps_stable_ids_and_its_own_labels():
+    base = TensorExamples(torch.arange(10.0)[:, None], torch.arange(10))
+    noisy = View(base, torch.arange(10), torch.arange(10) % 2)
+    subset = View(noisy, torch.tensor([7, 2, 5]))
+    assert example_ids(subset).tolist() == [7, 2, 5] and example_ids(base).tolist() == list(range(10))
+    assert subset.labels.tolist() == [1, 0, 1]  # the noisy labels of those examples
+    x, y = subset.__getitems__([0, 2])
+    assert x[:, 0].tolist() == [7.0, 5.0] and y.tolist() == [1, 1]
+    assert subset[1][0].item() == 2.0
