@@ -25,8 +25,7 @@ def data_map_plot(stats: pd.DataFrame, path: str, title: str) -> str:
     ax.set_xlabel("variability (std of p(gold) over epochs)")
     ax.set_ylabel("confidence (mean p(gold) over epochs)")
     ax.text(0.98, 0.98, "easy-to-learn", transform=ax.transAxes, ha="right", va="top", fontsize=9, color="gray")
-    ax.text(0.98, 0.02 + 0.06 * ("flipped" in stats and stats["flipped"].any()), "ambiguous",
-            transform=ax.transAxes, ha="right", va="bottom", fontsize=9, color="gray")
+    ax.text(0.98, 0.5, "ambiguous", transform=ax.transAxes, ha="right", va="center", fontsize=9, color="gray")
     ax.text(0.02, 0.02, "hard-to-learn", transform=ax.transAxes, ha="left", va="bottom", fontsize=9, color="gray")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()

@@ -42,7 +42,7 @@ class Recorder:
     def state(self) -> dict[str, torch.Tensor]:
         """The finished epochs as plain tensors (a checkpoint loads them with weights_only=True)."""
         frame = self.frame()
-        return {c: torch.as_tensor(frame[c].to_numpy()) for c in COLUMNS}
+        return {c: torch.tensor(frame[c].to_numpy()) for c in COLUMNS}
 
     def restore(self, state: dict[str, torch.Tensor], epochs: int) -> None:
         """The epochs before `epochs` from a checkpoint's state; any later ones are dropped."""
@@ -58,7 +58,7 @@ class Recorder:
         frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({c: [] for c in COLUMNS})
         frame = frame.astype({"id": "int64", "epoch": "int32", "p_gold": "float32", "correct": "bool"})
         if flipped is not None:
-            frame["flipped"] = flipped[torch.as_tensor(frame["id"].to_numpy())].numpy() if len(frame) else []
+            frame["flipped"] = flipped.numpy()[frame["id"].to_numpy()]
         return frame
 
 

@@ -45,11 +45,12 @@ class KitchenSpec:
 class Cook:
     """A Ray actor with a Kitchen of its own; cooks one recipe per call."""
 
-    def __init__(self, spec: KitchenSpec, data: TaskData):
+    def __init__(self, spec: KitchenSpec, data: list):
+        import ray
         import torch
 
         torch.set_num_threads(spec.threads)
-        self.kitchen = spec.kitchen(data)
+        self.kitchen = spec.kitchen(ray.get(data[0]))
 
     def cook(self, name: str, settings: dict[str, Any], needed: dict[str, Dish]) -> tuple[list[Dish], float]:
         t0 = time.time()
@@ -87,8 +88,10 @@ def cook_on_ray(spec: KitchenSpec, data: TaskData, names: list[str], settings: d
     # a restarted actor (its node lost) gets its unit again: cooking has no side effects
     actor = ray.remote(Cook).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"], max_restarts=2,
                                      max_task_retries=2)
-    data_ref = ray.put(data)
-    cooks = [actor.remote(spec, data_ref) for _ in range(min(workers, len(units), room(resources)))]
+    data_ref = ray.put(data)  # held here while cooking, so a restarted actor finds it
+    # passed inside a list: Ray warns on the terminal about an actor that may restart with a
+    # constructor argument in the object store, and a nested reference is not one
+    cooks = [actor.remote(spec, [data_ref]) for _ in range(min(workers, len(units), room(resources)))]
     free, running = list(cooks), {}
     made: dict[str, list[Dish]] = {}
     parts: dict[tuple[str, str | None], tuple[list[Dish], float]] = {}

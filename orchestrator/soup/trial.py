@@ -16,6 +16,7 @@ from orchestrator.common.pool import Row
 from orchestrator.common.trial import Reporter, Trial, TrialContext, maybe_crash
 from orchestrator.common.tune import storage_fs
 from orchestrator.common.weights import arch_fingerprint, digest
+from orchestrator.dynamics.record import dynamics_row_id
 from orchestrator.soup.fisher import diagonal_fisher, fisher_row_id
 from orchestrator.soup.tasks import TASKS
 from orchestrator.soup.tasks.base import TaskData
@@ -164,13 +165,9 @@ def store_fisher(task, run: FineTune, data: TaskData, ctx: SweepContext, trial: 
 def store_dynamics(task, run: FineTune, data: TaskData, ctx: SweepContext, trial: Trial) -> None:
     """The trial's per-example training dynamics into the pool: a Parquet table (id, epoch, p_gold,
     correct, flipped) in a row whose parent is the trial."""
-    frame = run.dynamics.frame(flipped=data.flipped if data.flipped is not None
-                               else torch.zeros(len(run.ids) and int(run.ids.max()) + 1, dtype=torch.bool))
+    flipped = data.flipped if data.flipped is not None else torch.zeros(int(run.ids.max()) + 1, dtype=torch.bool)
+    frame = run.dynamics.frame(flipped=flipped)
     trial.pool.add(Row(id=dynamics_row_id(trial.id), kind="dynamics", sweep=ctx.sweep, task=task.name, status="ok",
                        hparams={"examples": len(data.train), "epochs": run.epoch, "mixup": run.hp["mixup"]},
                        metrics={"mean_p_gold": float(frame["p_gold"].mean())}, parents=[trial.id],
                        data_key=ctx.data_key), table=pa.Table.from_pandas(frame, preserve_index=False))
-
-
-def dynamics_row_id(trial_id: str) -> str:
-    return f"{trial_id}.dynamics"
