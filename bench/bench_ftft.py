@@ -34,6 +34,7 @@ def parse_args(argv=None):
     p = common.parser("python bench/bench_ftft.py", __doc__)
     common.add_tiny_flag(p, "the tiny task, 2 trials per arm")
     common.add_keep_flag(p, "its pool, MLflow store and logs")
+    p.add_argument("--report", metavar="FOLDER", help="only print the table of a run kept with --keep")
     p.add_argument("--num-samples", type=int, default=None, help="trials per main arm (default: the config's 16)")
     common.add_overrides(p)
     return p.parse_args(argv)
@@ -60,8 +61,8 @@ def run_arm(folder: str, preset: str, args) -> float:
 def arm_numbers(pool, sweep: str) -> dict:
     df = pool.manifest()
     trials = df[(df["kind"] == "trial") & (df["sweep"] == sweep) & (df["status"] == "ok")]
-    dyn = df[(df["kind"] == "dynamics") & (df["sweep"] == sweep)].set_index(df["parents"].map(lambda p: p[0]))
-    examples = {t: dyn.loc[t, "hparams"]["examples"] for t in trials["id"]}
+    dyn = df[(df["kind"] == "dynamics") & (df["sweep"] == sweep)]
+    examples = {p[0]: h["examples"] for p, h in zip(dyn["parents"], dyn["hparams"])}  # each trial's training set
     steps = sum(examples[r["id"]] * r["hparams"]["epochs"] for r in trials.to_dict("records"))
     seconds = sum(h.get("epoch_seconds", 0.0) for hist in trials["history"] for h in hist)
     best = trials.sort_values(["val_acc", "id"], ascending=[False, True]).iloc[0]
@@ -80,14 +81,19 @@ def main(argv=None) -> int:
     sweeps = {name: load_config(None, [], preset)["sweep"] for name, preset in ARMS}
     print(f"bench_ftft: 4 sweeps on one pool{' (--tiny task)' if args.tiny else ''}; load {common.load():.2f}",
           flush=True)
-    with common.temp_dir("bench-ftft-", keep=args.keep) as folder:
-        walls = {}
+    if args.report:
+        nums = {name: arm_numbers(Pool(os.path.join(args.report, "pool")), sweeps[name]) for name, _ in ARMS}
+        return report(nums)
+    with common.temp_dir("bench_ftft_", keep=args.keep) as folder:
         for name, preset in ARMS:
-            walls[name] = run_arm(folder, preset, args)
-            print(f"  {name:9s} ({preset}): {walls[name]:.0f} s wall (pretraining included where it ran first)",
-                  flush=True)
+            wall = run_arm(folder, preset, args)
+            print(f"  {name:9s} ({preset}): {wall:.0f} s wall (pretraining included where it ran first)", flush=True)
         pool = Pool(os.path.join(folder, "pool"))
         nums = {name: arm_numbers(pool, sweeps[name]) for name, _ in ARMS}
+    return report(nums)
+
+
+def report(nums: dict) -> int:
     ref = nums["reference"]
     rows = []
     for name in ("reference", "all", "ambiguous", "random"):

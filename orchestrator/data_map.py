@@ -2,7 +2,7 @@
 
 import sys
 
-from orchestrator.dynamics.cli import main
+from orchestrator.soup.dynamics.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -164,3 +164,28 @@ def test_soup_seeds_tiny(tmp_path):
     assert rows["greedy_soup"][0] >= rows["best_individual"][0]  # never below on val in any seed, so nor its min
     diffs = number(rf"^greedy soup - best individual, id_acc: {NUMBER}", out)
     assert -1 <= diffs <= 1
+
+
+def test_bench_dynamics_tiny(tmp_path, cache_dir):
+    out = run_bench("bench_dynamics.py", tmp_path, "--cache-dir", str(cache_dir))
+    assert "899 training examples, 1 epoch(s) per run, 1 pair(s) per setting" in out
+    for mixup in ("0", "0.2"):
+        off, on, ratio = (float(x) for x in re.search(
+            rf"^\s+{re.escape(mixup)}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}x", out, re.MULTILINE).groups())
+        assert off > 0 and on > 0 and ratio == pytest.approx(on / off, abs=0.002), mixup
+    number(rf"^recording overhead without mixup: {NUMBER}x", out)
+    assert number(rf"^writing one trial's dynamics \(899 rows\) into a pool: {NUMBER} ms", out) > 0
+
+
+def test_bench_ftft_tiny(tmp_path):
+    out = run_bench("bench_ftft.py", tmp_path, timeout=600)
+    rows = {line.split()[0]: line for line in out.splitlines()
+            if line.split() and line.split()[0] in ("reference", "all", "ambiguous", "random")
+            and "example-steps" not in line and "wall" not in line}
+    assert sorted(rows) == ["all", "ambiguous", "random", "reference"], out[-3000:]
+    examples = {name: int(line.split("+ ref")[-1].split()[1] if "+ ref" in line else line.split()[2])
+                for name, line in rows.items()}
+    assert examples["all"] == examples["reference"] == 899
+    assert examples["ambiguous"] == examples["random"] == round(0.33 * 899)  # the third each trained on
+    number(rf"^ambiguous - random third: best individual ID {NUMBER}", out)
+    assert number(rf"at {NUMBER}x the example-steps", out) > 0

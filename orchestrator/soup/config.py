@@ -130,7 +130,7 @@ def _check_cook(cook: dict[str, Any], source: str) -> None:
 
 
 def _check_selection(sel: dict[str, Any], source: str) -> None:
-    from orchestrator.dynamics.cartography import REGIONS
+    from orchestrator.soup.dynamics.cartography import REGIONS
 
     check(isinstance(sel["from_sweep"], str), source, "data_selection.from_sweep",
           f"must be a sweep name, got {sel['from_sweep']!r}")

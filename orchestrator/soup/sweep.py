@@ -294,7 +294,7 @@ class SoupSweep:
 
     def report_data_map(self, tmp: str) -> None:
         """The sweep's data map (when its trials recorded dynamics), logged under data_map/."""
-        from orchestrator.dynamics import report
+        from orchestrator.soup.dynamics import report
 
         self.data_map = None
         if not self.cfg["record_dynamics"]:
@@ -336,7 +336,7 @@ def select_training(cfg: dict, task, data, pool: Pool) -> tuple:
     """With `data_selection` (FTFT), narrow `data.train` (the task's training_data()) to the region of
     another sweep's data map it names. Returns (the full training set, which example ids index;
     the data key, of which the chosen ids are part; the selection, or None)."""
-    from orchestrator.dynamics import report
+    from orchestrator.soup.dynamics import report
 
     all_train, key, sel = data.train, task.data_key(), cfg["data_selection"]
     if not sel["from_sweep"]:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, default_collate
 
-from orchestrator.dynamics.record import Recorder
+from orchestrator.soup.dynamics.record import Recorder
 from orchestrator.soup.tasks.base import Examples, StateDict, Task, TaskData, example_ids, to_device
 
 # Every hyperparameter a trial understands, with its default. The search space may

@@ -16,7 +16,7 @@ from orchestrator.common.pool import Row
 from orchestrator.common.trial import Reporter, Trial, TrialContext, maybe_crash
 from orchestrator.common.tune import storage_fs
 from orchestrator.common.weights import arch_fingerprint, digest
-from orchestrator.dynamics.record import dynamics_row_id
+from orchestrator.soup.dynamics.record import dynamics_row_id
 from orchestrator.soup.fisher import diagonal_fisher, fisher_row_id
 from orchestrator.soup.tasks import TASKS
 from orchestrator.soup.tasks.base import TaskData

@@ -130,6 +130,11 @@ def test_hf_text_tiny_bert_sweep_and_soups(ray_session, tmp_path, text_files, ti
     model = mlflow.pyfunc.load_model(f"runs:/{greedy_run.info.run_id}/model")
     logits = np.asarray(model.predict(["my cat and dog", "rain and snow today"]))
     assert logits.shape == (2, 2) and np.isfinite(logits).all()
+    # the data map lists the hardest training examples as text a person reads
+    parent = next(r for r in runs if r.data.tags.get("orchestrator.role") == "sweep")
+    hardest = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/data_map/hard_to_learn.txt")
+    assert any(f" {w} " in f" {line} " for line in hardest.splitlines()[2:] for w in [*FILLER, *sum(WORDS.values(), [])]), \
+        hardest[:500]
 
 
 def make_images(folder, n_per_label: int, seed: int, invert: bool = False):
@@ -182,6 +187,12 @@ def test_timm_tiny_resnet_sweep_soups_recompute_batchnorm(ray_session, tmp_path,
                                "hyperparameters.augment={choice: [0, 9]}", "hyperparameters.mixup=0.2",
                                "hyperparameters.label_smoothing=0.1"])
     soups, _ = check_sweep(df, uri, "tiny_timm")
+    # dynamics recorded under mixup and BatchNorm: every example once per epoch (1 epoch here)
+    dyn = df[df["kind"] == "dynamics"]
+    assert len(dyn) == 2
+    for r in dyn.to_dict("records"):
+        frame = Pool(str(tmp_path / "pool")).load_table(r).to_pandas()
+        assert frame["id"].is_unique and len(frame) == r["hparams"]["examples"]
     pool = Pool(str(tmp_path / "pool"))
     pre = pool.load(df[df["kind"] == "pretrained"].iloc[0].to_dict())
     start = load_file(str(weights))

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from orchestrator import data_map, soup_sweep
 from orchestrator.common.pool import Pool
-from orchestrator.dynamics import report
+from orchestrator.soup.dynamics import report
 from orchestrator.soup.config import load_config, make_task
 from tests.helpers import TINY_TASK
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from orchestrator.dynamics.record import Recorder
+from orchestrator.soup.dynamics.record import Recorder
 from orchestrator.soup.tasks.base import View
 from orchestrator.soup.train import FineTune
 from tests.soup.test_train import TinyTask

@@ -26,7 +26,7 @@ from orchestrator.common import tracking
 from orchestrator.common.cli import route_library_output, run_main
 from orchestrator.common.config import shipped_configs
 from orchestrator.common.pool import Pool
-from orchestrator.dynamics import report
+from orchestrator.soup.dynamics import report
 from orchestrator.soup.config import DEFAULT_CONFIG, load_config, make_task
 
 

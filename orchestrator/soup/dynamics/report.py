@@ -13,7 +13,7 @@ import pandas as pd
 
 from orchestrator.common.errors import UserError
 from orchestrator.common.pool import Pool
-from orchestrator.dynamics.cartography import (STANDARD_FRACTION, average_maps, example_stats, region_ids, triage,
+from orchestrator.soup.dynamics.cartography import (STANDARD_FRACTION, average_maps, example_stats, region_ids, triage,
                                                with_regions)
 
 TRIAGE_FRACTION = 0.1  # label-error triage inspects the lowest-confidence 10%
@@ -90,7 +90,7 @@ def write(dm: DataMap, task, examples, out: str) -> list[str]:
     statistics and regions), per_trial.parquet, summary.txt, and the hardest examples for a person
     to inspect (hard_to_learn.png for images, hard_to_learn.txt always). `examples`: the training
     examples the ids index (the task's full training set, labels as trained)."""
-    from orchestrator.dynamics.plots import data_map_plot, image_grid
+    from orchestrator.soup.dynamics.plots import data_map_plot, image_grid
 
     os.makedirs(out, exist_ok=True)
     files = [data_map_plot(dm.stats, os.path.join(out, "data_map.png"),

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from orchestrator.dynamics.cartography import average_maps, example_stats, region_ids, triage, with_regions
+from orchestrator.soup.dynamics.cartography import average_maps, example_stats, region_ids, triage, with_regions
 from orchestrator.soup.tasks.base import TensorExamples, View, example_ids, flip_labels
 
 
