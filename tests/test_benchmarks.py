@@ -179,12 +179,11 @@ def test_bench_dynamics_tiny(tmp_path, cache_dir):
 
 def test_bench_ftft_tiny(tmp_path):
     out = run_bench("bench_ftft.py", tmp_path, timeout=600)
-    rows = {line.split()[0]: line for line in out.splitlines()
-            if line.split() and line.split()[0] in ("reference", "all", "ambiguous", "random")
-            and "example-steps" not in line and "wall" not in line}
+    rows = {m.group(1): (int(m.group(2)), int(m.group(3))) for m in
+            re.finditer(r"^(reference|all|ambiguous|random)(?: \+ ref)?\s+(\d+)\s+(\d+)\s", out, re.MULTILINE)}
     assert sorted(rows) == ["all", "ambiguous", "random", "reference"], out[-3000:]
-    examples = {name: int(line.split("+ ref")[-1].split()[1] if "+ ref" in line else line.split()[2])
-                for name, line in rows.items()}
+    assert all(trials == 2 for trials, _ in rows.values())  # --tiny: 2 trials per arm
+    examples = {name: n for name, (_, n) in rows.items()}
     assert examples["all"] == examples["reference"] == 899
     assert examples["ambiguous"] == examples["random"] == round(0.33 * 899)  # the third each trained on
     number(rf"^ambiguous - random third: best individual ID {NUMBER}", out)

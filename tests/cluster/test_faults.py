@@ -61,6 +61,12 @@ def test_killed_trial_resumes_from_its_epoch_checkpoint(tmp_path):
     trials = trial_rows(str(tmp_path / "pool"))
     assert sorted(trials["id"]) == crashed and set(trials["status"]) == {"ok"}  # one row each
     assert all([h["epoch"] for h in hist] == [1, 2] for hist in trials["history"])
+    # the training dynamics hold each example once per epoch: epoch 0 came back with the checkpoint
+    pool = Pool(str(tmp_path / "pool"))
+    for trial in crashed:
+        frame = pool.load_table(f"{trial}.dynamics").to_pandas()
+        assert sorted(frame["epoch"].unique()) == [0, 1] and (frame.groupby(["id", "epoch"]).size() == 1).all()
+        assert (frame.groupby("epoch").size() == 899).all()
     # MLflow saw epoch 1 once: the retry continued the run instead of training from scratch
     assert epochs_logged(f"sqlite:///{tmp_path}/mlflow.db", "crash") == {t: [1, 2] for t in crashed}
 

@@ -9,6 +9,7 @@ import torch
 
 from orchestrator.soup.config import load_config, make_task
 from orchestrator.soup.train import FineTune, autocast, evaluate
+from orchestrator.common.pool import Pool
 from tests.helpers import TINY_TASK
 from tests.helpers import finish, start, sweep_cmd, trial_rows
 
@@ -49,4 +50,8 @@ def test_data_parallel_trial_resumes_after_a_crash(tmp_path):
     assert list(trials["id"]) == [crashed] and set(trials["status"]) == {"ok"}
     (history,) = trials["history"]
     assert [h["epoch"] for h in history] == [1, 2]
+    # both ranks' training dynamics were gathered, each example once per epoch, across the resume
+    frame = Pool(str(tmp_path / "pool")).load_table(f"{crashed}.dynamics").to_pandas()
+    assert (frame.groupby(["id", "epoch"]).size() == 1).all() and (frame.groupby("epoch").size() == 899).all()
+    assert sorted(frame["epoch"].unique()) == [0, 1]
     assert "greedy soup" in log

@@ -61,8 +61,10 @@ def tiny_bert(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny_bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted({w for ws in WORDS.values() for w in ws}), *FILLER]
-    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(root)
+    # the vocabulary as a mapping: transformers 5 ignores `vocab_file=` here, which left every word [UNK]
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
+    assert "[UNK]" not in tokenizer.tokenize(" ".join(FILLER))
+    tokenizer.save_pretrained(root)
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=32)
