@@ -14,9 +14,11 @@ are the same bit for bit whichever actor cooks them.
 
 from __future__ import annotations
 
+import sys
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, TextIO
 
 from orchestrator.common.pool import Pool
 from orchestrator.soup.kitchen import Dish, Kitchen
@@ -42,8 +44,72 @@ class KitchenSpec:
                        self.settings, self.keys)
 
 
+class Progress:
+    """What cooking prints while it runs: one line per finished recipe, and between them a
+    progress line over recipes with the count of evaluations so far (a model on one eval set).
+    On a terminal the progress line is redrawn in place every second; in a log file it is
+    printed every `every` seconds while no recipe finishes, so a long recipe is never silent."""
+
+    def __init__(self, recipes: int, stream: TextIO | None = None, every: float = 15.0):
+        self.recipes, self.stream, self.every = recipes, stream or sys.stdout, every
+        self.live = self.stream.isatty()
+        self.t0 = self.last = time.time()
+        self.done, self.evaluations, self._drawn = 0, 0, False
+        self._lock = threading.Lock()
+
+    def recipe(self, line: str) -> None:
+        """A recipe finished: its line, printed over the progress line."""
+        with self._lock:
+            self.done += 1
+            self.last = time.time()
+            self._clear()
+            print(line, file=self.stream, flush=True)
+
+    def update(self, evaluations: int) -> None:
+        """The evaluations counted so far, by every worker together."""
+        with self._lock:
+            self.evaluations = evaluations
+            now = time.time()
+            if not self.live and now - self.last < self.every:
+                return
+            self.last = now
+            width = 20
+            filled = round(width * self.done / max(1, self.recipes))
+            text = (f"  [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.recipes} recipes, "
+                    f"{evaluations} evaluations, {now - self.t0:.0f} s")
+            if self.live:
+                print(f"\r{text}", end="", file=self.stream, flush=True)
+                self._drawn = True
+            else:
+                print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        with self._lock:
+            self._clear()
+
+    def _clear(self) -> None:
+        if self._drawn:
+            print("\r\033[K", end="", file=self.stream, flush=True)
+            self._drawn = False
+
+
+def watch(kitchen: Kitchen, progress: Progress, period: float = 1.0) -> Callable[[], None]:
+    """Report `kitchen`'s evaluations to `progress` every `period` seconds from a thread, while
+    the driver cooks in this process; returns the function that stops it."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(period):
+            progress.update(kitchen.evaluations)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return lambda: (stop.set(), thread.join(), progress.close())
+
+
 class Cook:
-    """A Ray actor with a Kitchen of its own; cooks one recipe per call."""
+    """A Ray actor with a Kitchen of its own; cooks one recipe per call. It runs two threads, so
+    `evaluations()` answers while a recipe cooks."""
 
     def __init__(self, spec: KitchenSpec, data: list):
         import ray
@@ -56,6 +122,9 @@ class Cook:
         t0 = time.time()
         dishes = cook_one(self.kitchen, name, settings, needed)
         return dishes, time.time() - t0
+
+    def evaluations(self) -> int:
+        return self.kitchen.evaluations
 
 
 def room(resources: dict[str, float]) -> int:
@@ -75,9 +144,11 @@ def unit_needs(name: str, part: str | None) -> tuple[str, ...]:
 
 
 def cook_on_ray(spec: KitchenSpec, data: TaskData, names: list[str], settings: dict[str, Any], workers: int,
-                resources: dict[str, float], done: Callable[[str, list[Dish], float], None]) -> list[Dish]:
+                resources: dict[str, float], done: Callable[[str, list[Dish], float], None],
+                progress: Callable[[int], None] = lambda evaluations: None, period: float = 1.0) -> list[Dish]:
     """Cook the named recipes (and what they need) on `workers` actors; `done(name, dishes,
-    seconds)` is called as each recipe finishes. Dishes come back in the recipes' order."""
+    seconds)` is called as each recipe finishes, and `progress(evaluations)` with the actors'
+    evaluations so far every `period` seconds. Dishes come back in the recipes' order."""
     import ray
 
     order = ordered(names)
@@ -87,7 +158,7 @@ def cook_on_ray(spec: KitchenSpec, data: TaskData, names: list[str], settings: d
              for need in (RECIPES[name].needs if RECIPES[name].per_need else [None])]
     # a restarted actor (its node lost) gets its unit again: cooking has no side effects
     actor = ray.remote(Cook).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"], max_restarts=2,
-                                     max_task_retries=2)
+                                     max_task_retries=2, max_concurrency=2)
     data_ref = ray.put(data)  # held here while cooking, so a restarted actor finds it
     # passed inside a list: Ray warns on the terminal about an actor that may restart with a
     # constructor argument in the object store, and a nested reference is not one
@@ -108,7 +179,13 @@ def cook_on_ray(spec: KitchenSpec, data: TaskData, names: list[str], settings: d
                 needed = {need: made[need][0] for need in unit_needs(*unit)}
                 running[cook.cook.remote(unit[0], settings, needed)] = (unit, cook)
                 pending.remove(unit)
-            finished, _ = ray.wait(list(running), num_returns=1)
+            finished, _ = ray.wait(list(running), num_returns=1, timeout=period)
+            if not finished:  # still cooking: how far along
+                try:
+                    progress(sum(ray.get([c.evaluations.remote() for c in cooks], timeout=period)))
+                except ray.exceptions.RayError:  # an actor restarting after its node was lost: next time
+                    pass
+                continue
             unit, cook = running.pop(finished[0])
             parts[unit] = ray.get(finished[0])
             free.append(cook)

@@ -101,6 +101,7 @@ class Kitchen:
         fishers = df[(df["kind"] == "fisher") & (df["status"] == "ok")].to_dict("records")
         self.fishers = {r["parents"][0]: r for r in fishers if len(r["parents"])}
         self._loadable = None
+        self.evaluations = 0  # models evaluated on one eval set each: what cooking progress counts
 
     def compatible(self, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The trials that started from these pretrained weights and trained on this data and
@@ -168,6 +169,7 @@ class Kitchen:
         return Verdict(summarize(acc, self.data), {n: h.numpy() for n, h in hits.items()})
 
     def logits(self, eval_set: str):
+        self.evaluations += 1
         return predict_logits(self.task, self.model, self.data.evals[eval_set], precision=self.precision)
 
     def val_acc(self, state: StateDict) -> float:

@@ -30,7 +30,7 @@ from orchestrator.common.errors import PoolError, UserError
 from orchestrator.common.pool import Pool, Row
 from orchestrator.common.weights import digest
 from orchestrator.soup.config import DEFAULT_CONFIG, load_config, make_task
-from orchestrator.soup.cooking import KitchenSpec, cook_on_ray, room
+from orchestrator.soup.cooking import KitchenSpec, Progress, cook_on_ray, room, watch
 from orchestrator.soup.kitchen import Kitchen, check_cookable
 from orchestrator.soup.pretrained import ensure_pretrained
 from orchestrator.soup.publish import Publisher, parent_metrics
@@ -221,18 +221,26 @@ class SoupSweep:
         where = self.cook_where()
         print(f"cooking {len(names)} recipes from the pool {where} ...", flush=True)
         t_cook, count = time.time(), iter(range(1, len(names) + 1))
+        progress = Progress(len(names))
 
         def done(name: str, dishes: list, seconds: float) -> None:
-            print(f"  [{next(count)}/{len(names)} {time.time() - t_cook:4.0f}s] {name}: "
-                  f"{len(dishes)} dish{'es' if len(dishes) != 1 else ''} in {seconds:.1f} s", flush=True)
+            progress.recipe(f"  [{next(count)}/{len(names)} {time.time() - t_cook:4.0f}s] {name}: "
+                            f"{len(dishes)} dish{'es' if len(dishes) != 1 else ''} in {seconds:.1f} s")
 
         spec = self.cfg["cook"]
         if spec["workers"] == 0:
             torch.set_num_threads(self.cook_threads())  # as in a worker: the same arithmetic
-            self.dishes = cook(kitchen, names, self.cfg["soup"], done)
+            stop = watch(kitchen, progress)
+            try:
+                self.dishes = cook(kitchen, names, self.cfg["soup"], done)
+            finally:
+                stop()
         else:
-            self.dishes = cook_on_ray(self.kitchen_spec(), self.data, names, self.cfg["soup"], spec["workers"],
-                                      spec["resources"], done)
+            try:
+                self.dishes = cook_on_ray(self.kitchen_spec(), self.data, names, self.cfg["soup"], spec["workers"],
+                                          spec["resources"], done, progress.update)
+            finally:
+                progress.close()
         print(f"cooked {len(self.dishes)} dishes in {time.time() - t_cook:.1f} s", flush=True)
 
     def cook_where(self) -> str:

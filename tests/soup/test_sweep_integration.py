@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 
 from orchestrator import soup_sweep
 from orchestrator.common.pool import Pool
-from orchestrator.soup.config import load_config
+from orchestrator.soup.config import load_config, make_task
 from orchestrator.soup.recipes import RECIPES, default_recipes
 from tests.helpers import TINY_TASK
 
@@ -260,7 +260,9 @@ def cooked_by(swept, workers, names, selection="all"):
         finally:
             torch.set_num_threads(threads)
     done = lambda name, dishes, seconds: finished.append(name)  # noqa: E731
-    return cook_on_ray(spec, data, names, cfg["soup"], workers, {"cpu": 1, "gpu": 0}, done), finished
+    cooked_by.progress = []  # the actors' evaluations so far, as cooking reported them
+    return cook_on_ray(spec, data, names, cfg["soup"], workers, {"cpu": 1, "gpu": 0}, done,
+                       progress=cooked_by.progress.append, period=0.2), finished
 
 
 def test_cooking_on_two_ray_workers_gives_the_dishes_of_cooking_in_one_process(swept):
@@ -270,6 +272,8 @@ def test_cooking_on_two_ray_workers_gives_the_dishes_of_cooking_in_one_process(s
     alone, _ = cooked_by(swept, 0, names)
     parallel, finished = cooked_by(swept, 2, names)
     assert sorted(finished) == sorted(["best_individual", *names])  # one progress call per recipe
+    counts = cooked_by.progress  # evaluations reported while the recipes cooked: they only grow
+    assert counts and counts == sorted(counts) and counts[-1] > 0
     assert [d.name for d in parallel] == [d.name for d in alone]  # the recipes' order, whoever finished first
     for a, p in zip(alone, parallel):
         assert a.metrics == p.metrics and a.parents == p.parents, a.name
@@ -280,6 +284,17 @@ def test_cooking_on_two_ray_workers_gives_the_dishes_of_cooking_in_one_process(s
 
 
 def test_held_out_selection_measures_candidates_on_the_held_out_split_only(swept):
+    from orchestrator.soup.kitchen import Kitchen
+    from orchestrator.soup.recipes import cook
+
+    root, _, _ = swept
+    cfg = load_config(None, ["sweep=tiny", *TINY_TASK])
+    task = make_task(cfg)
+    kitchen = Kitchen(Pool(str(root / "pool")), task, task.data(), "tiny",
+                      {"precision": "fp32", "bn_batches": 2, "selection": "held_out"})
+    cook(kitchen, ["task_arithmetic"], cfg["soup"])
+    # what cooking progress counts: each lambda on the held-out split, then the dish on all 6 sets
+    assert kitchen.evaluations == len(cfg["soup"]["task_arithmetic_lambdas"]) + len(kitchen.data.evals)
     (arithmetic, *_), _ = cooked_by(swept, 0, ["task_arithmetic"], selection="held_out")
     assert all(set(point) == {"lambda", "val_acc"} for point in arithmetic.curve)  # candidates: val only
     assert len(arithmetic.curve) == len(load_config()["soup"]["task_arithmetic_lambdas"])
