@@ -21,6 +21,10 @@ beside it, exactly as a sweep's trials leave them.
    sha256 once while streaming, then memory-mapped loads) or through Ray's object store
    (the driver loads and puts each once); each side in a fresh Ray worker, median of 2.
 
+--pool P --config C: part 1 only, on an existing pool of a sweep of config C (e.g. the MiniLM
+example's: `python -m orchestrator.soup_sweep --config minilm_text_example` leaves ./pool), cooking
+that config's `soup.recipes`.
+
 --tiny: N = 2 3 on the tiny glyph task, 1 repeat, 16 Fisher examples.
 """
 
@@ -50,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--fisher-examples", type=int, default=None, help="examples per Fisher (default: the config's)")
     p.add_argument("--parts", nargs="+", choices=["workers", "recipes", "reads"], default=["workers", "recipes", "reads"],
                    help="which measurements to run (default: both)")
+    p.add_argument("--pool", default=None, help="cook this existing pool (part 1 only) instead of building one")
+    p.add_argument("--config", default=None, help="with --pool: the config of the sweep that made it (default: glyphs)")
     common.add_cache_flag(p)
     common.add_keep_flag(p, "the pools")
     common.add_tiny_flag(p, "N = 2 3 on the tiny glyph task, 1 repeat")
@@ -137,7 +143,7 @@ def build_pools(args, cfg, task, data, tmp: str) -> dict[int, str]:
     return pools
 
 
-def compare_workers(args, cfg, task, data, pool_uri: str) -> None:
+def compare_workers(args, cfg, task, data, pool_uri: str, sweep: str = SWEEP, recipes: list[str] | None = None) -> None:
     import torch
 
     from orchestrator.common import tune
@@ -147,14 +153,15 @@ def compare_workers(args, cfg, task, data, pool_uri: str) -> None:
     log_dir = os.path.join(os.path.dirname(pool_uri), "logs")
     common.route_library_output(log_dir, "bench_cook", verbose=False)
     tune.connect(None)
-    spec = KitchenSpec(pool_uri, task.name, task.model_settings(), (task.pretrained_id(), task.data_key()), SWEEP,
+    spec = KitchenSpec(pool_uri, task.name, task.model_settings(), (task.pretrained_id(), task.data_key()), sweep,
                        settings(cfg), threads=1)
+    recipes = recipes or default_recipes()
     times: dict[int, list[float]] = {1: [], 2: []}
     dishes = {}
     for r in range(args.repeats):
         for workers in (1, 2):
             t = time.perf_counter()
-            dishes[workers] = cook_on_ray(spec, data, default_recipes(), cfg["soup"], workers, {"cpu": 1, "gpu": 0},
+            dishes[workers] = cook_on_ray(spec, data, recipes, cfg["soup"], workers, {"cpu": 1, "gpu": 0},
                                           lambda *a: None)
             times[workers].append(time.perf_counter() - t)
             print(f"  cook on {workers} worker(s): {times[workers][-1]:.1f} s (load average {common.load():.2f})",
@@ -166,7 +173,7 @@ def compare_workers(args, cfg, task, data, pool_uri: str) -> None:
     print()
     common.print_table(f"{'workers':>7} {'cook s (median)':>15} {'ratio':>6}",
                        [f"{1:>7} {one:>15.1f} {1:>6.2f}", f"{2:>7} {two:>15.1f} {two / one:>6.2f}"])
-    print(f"{len(dishes[2])} dishes from {len(default_recipes())} recipes on {pool_uri.rsplit('-', 1)[-1]} "
+    print(f"{len(dishes[2])} dishes from {len(recipes)} recipes on {len(spec.kitchen(data).ingredients)} "
           f"ingredients; 2 workers vs 1: {two / one:.2f}x (target <= 0.60x); dishes bit for bit equal: {same}")
     common.unroute_library_output(log_dir)
 
@@ -254,6 +261,17 @@ def main(argv=None) -> int:
     from orchestrator.soup.config import make_task
 
     torch.set_num_threads(1)
+    if args.pool:  # an existing pool: the worker comparison only
+        from orchestrator.soup.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        task = make_task(cfg)
+        print(f"bench_cook: the pool {args.pool} of sweep {cfg['sweep']} ({task.name}); load average "
+              f"{common.load():.2f}", flush=True)
+        compare_workers(args, cfg, task, task.training_data(), os.path.abspath(args.pool), cfg["sweep"],
+                        cfg["soup"]["recipes"])
+        print(f"bench_cook finished in {time.perf_counter() - t0:.0f} s")
+        return 0
     cfg = common.load_soup_config(common.soup_overrides(args))
     task = make_task(cfg)
     data = task.data()
