@@ -111,20 +111,26 @@ class Cook:
     """A Ray actor with a Kitchen of its own; cooks one recipe per call. It runs two threads, so
     `evaluations()` answers while a recipe cooks."""
 
-    def __init__(self, spec: KitchenSpec, data: list):
-        import ray
+    def __init__(self, spec: KitchenSpec):
         import torch
 
         torch.set_num_threads(spec.threads)
-        self.kitchen = spec.kitchen(ray.get(data[0]))
+        self.spec, self.kitchen = spec, None
 
-    def cook(self, name: str, settings: dict[str, Any], needed: dict[str, Dish]) -> tuple[list[Dish], float]:
+    def cook(self, data: list, name: str, settings: dict[str, Any],
+             needed: dict[str, Dish]) -> tuple[list[Dish], float]:
+        """`data`: [a reference to the task data], fetched only by the first call (and again by an
+        actor restarted after its node was lost), which builds the Kitchen."""
+        import ray
+
         t0 = time.time()
+        if self.kitchen is None:
+            self.kitchen = self.spec.kitchen(ray.get(data[0]))
         dishes = cook_one(self.kitchen, name, settings, needed)
         return dishes, time.time() - t0
 
     def evaluations(self) -> int:
-        return self.kitchen.evaluations
+        return self.kitchen.evaluations if self.kitchen else 0
 
 
 def room(resources: dict[str, float]) -> int:
@@ -160,9 +166,9 @@ def cook_on_ray(spec: KitchenSpec, data: TaskData, names: list[str], settings: d
     actor = ray.remote(Cook).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"], max_restarts=2,
                                      max_task_retries=2, max_concurrency=2)
     data_ref = ray.put(data)  # held here while cooking, so a restarted actor finds it
-    # passed inside a list: Ray warns on the terminal about an actor that may restart with a
-    # constructor argument in the object store, and a nested reference is not one
-    cooks = [actor.remote(spec, [data_ref]) for _ in range(min(workers, len(units), room(resources)))]
+    # the data goes with each call, not to the constructor: Ray warns on the terminal about an
+    # actor that may restart with a constructor argument in the object store
+    cooks = [actor.remote(spec) for _ in range(min(workers, len(units), room(resources)))]
     free, running = list(cooks), {}
     made: dict[str, list[Dish]] = {}
     parts: dict[tuple[str, str | None], tuple[list[Dish], float]] = {}
@@ -177,7 +183,7 @@ def cook_on_ray(spec: KitchenSpec, data: TaskData, names: list[str], settings: d
                     break
                 cook = free.pop(0)
                 needed = {need: made[need][0] for need in unit_needs(*unit)}
-                running[cook.cook.remote(unit[0], settings, needed)] = (unit, cook)
+                running[cook.cook.remote([data_ref], unit[0], settings, needed)] = (unit, cook)
                 pending.remove(unit)
             finished, _ = ray.wait(list(running), num_returns=1, timeout=period)
             if not finished:  # still cooking: how far along

@@ -61,6 +61,9 @@ def load(pool: Pool, sweep: str, data_key: str | None = None) -> DataMap:
 def select(pool: Pool, from_sweep: str, data_key: str, region: str, fraction: float, seed: int) -> np.ndarray:
     """FTFT: the training example ids of a region of another sweep's averaged map, sorted."""
     stats = load(pool, from_sweep, data_key).stats
+    if region == "ambiguous" and not (stats["variability"] > 0).any():
+        raise UserError(f"data_selection.region: ambiguous needs dynamics over 2 or more epochs; every trial of "
+                        f"sweep {from_sweep!r} ran one, so no example varies")
     return np.sort(region_ids(stats, region, fraction, seed).to_numpy())
 
 
@@ -71,6 +74,9 @@ def summary(dm: DataMap) -> str:
              f"regions (thirds): {counts}",
              f"  mean confidence {s['confidence'].mean():.3f}, mean variability {s['variability'].mean():.3f}, "
              f"examples never correct in any trial's epochs: {int((s['correctness'] == 0).sum())}"]
+    if not (s["variability"] > 0).any():
+        lines.append("  every trial ran one epoch: variability is 0 everywhere, so the ambiguous region is arbitrary "
+                     "(train 2 or more epochs for a map)")
     if dm.noisy:
         t = dm.triage()
         a = t["averaged"]
@@ -103,12 +109,14 @@ def write(dm: DataMap, task, examples, out: str) -> list[str]:
     files.append(_save(per_trial.to_parquet, os.path.join(out, "per_trial.parquet")))
     hardest = table.sort_values(["confidence", "variability"]).head(SHOWN)
     views = {i: task.example_view(examples, int(i)) for i in hardest.index}
+    names = task.classes() if hasattr(task, "classes") else None  # a file task's label names
+    hardest = hardest.assign(label=[names[int(y)] if names else int(y) for y in hardest["label"]])
     lines = [f"the {len(hardest)} lowest-confidence training examples of sweep {dm.sweep} (of the hard-to-learn "
              f"third, {int(table['hard_to_learn'].sum())} examples); label = the label trained on",
-             f"{'id':>6} {'label':>6} {'conf':>6} {'var':>6} {'correct':>7} {'flipped':>7}  input"]
+             f"{'id':>6} {'label':>10} {'conf':>6} {'var':>6} {'correct':>7} {'flipped':>7}  input"]
     for i, r in hardest.iterrows():
         view = views[i] if isinstance(views[i], str) else f"image {tuple(views[i].shape)}"
-        lines.append(f"{i:>6} {r['label']:>6} {r['confidence']:6.3f} {r['variability']:6.3f} "
+        lines.append(f"{i:>6} {str(r['label']):>10} {r['confidence']:6.3f} {r['variability']:6.3f} "
                      f"{r['correctness']:7.2f} {str(bool(r.get('flipped', False))):>7}  {view[:160]!r}")
     with open(os.path.join(out, "hard_to_learn.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
