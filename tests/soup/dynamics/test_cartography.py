@@ -88,3 +88,28 @@ def test_a_view_keeps_stable_ids_and_its_own_labels():
     x, y = subset.__getitems__([0, 2])
     assert x[:, 0].tolist() == [7.0, 5.0] and y.tolist() == [1, 1]
     assert subset[1][0].item() == 2.0
+
+
+def test_selection_from_hand_made_pool_rows(tmp_path):
+    """report.select on dynamics rows written by hand: the data key must match, and the ambiguous
+    region needs more than one epoch (one-epoch maps have no variability)."""
+    import pyarrow as pa
+
+    from orchestrator.common.errors import UserError
+    from orchestrator.common.pool import Pool, Row
+    from orchestrator.soup.dynamics import report
+
+    pool = Pool(str(tmp_path / "pool"), create=True)
+    for trial, epochs in (("t1", 1), ("t2", 1)):
+        frame = pd.DataFrame({"id": list(range(6)) * epochs, "epoch": [e for e in range(epochs) for _ in range(6)],
+                              "p_gold": [0.9, 0.1, 0.5, 0.7, 0.2, 0.6] * epochs, "correct": [True] * 6 * epochs,
+                              "flipped": [False] * 6 * epochs})
+        pool.add(Row(id=f"{trial}.dynamics", kind="dynamics", sweep="ref", task="glyphs", status="ok",
+                     parents=[trial], data_key="k1"), table=pa.Table.from_pandas(frame))
+    assert report.select(pool, "ref", "k1", "hard_to_learn", 0.5, 0).tolist() == [1, 2, 4]
+    with pytest.raises(UserError, match="ambiguous needs dynamics over 2 or more epochs"):
+        report.select(pool, "ref", "k1", "ambiguous", 0.5, 0)
+    with pytest.raises(UserError, match="other training data"):
+        report.select(pool, "ref", "k2", "hard_to_learn", 0.5, 0)
+    with pytest.raises(UserError, match="no training dynamics of sweep 'nope'"):
+        report.select(pool, "nope", "k1", "easy", 0.5, 0)
