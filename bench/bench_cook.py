@@ -143,7 +143,8 @@ def build_pools(args, cfg, task, data, tmp: str) -> dict[int, str]:
     return pools
 
 
-def compare_workers(args, cfg, task, data, pool_uri: str, sweep: str = SWEEP, recipes: list[str] | None = None) -> None:
+def compare_workers(args, cfg, task, data, pool_uri: str, sweep: str = SWEEP, recipes: list[str] | None = None,
+                    data_key: str | None = None) -> None:
     import torch
 
     from orchestrator.common import tune
@@ -153,7 +154,7 @@ def compare_workers(args, cfg, task, data, pool_uri: str, sweep: str = SWEEP, re
     log_dir = os.path.join(os.path.dirname(pool_uri), "logs")
     common.route_library_output(log_dir, "bench_cook", verbose=False)
     tune.connect(None)
-    spec = KitchenSpec(pool_uri, task.name, task.model_settings(), (task.pretrained_id(), task.data_key()), sweep,
+    spec = KitchenSpec(pool_uri, task.name, task.model_settings(), (task.pretrained_id(), data_key or task.data_key()), sweep,
                        settings(cfg), threads=1)
     recipes = recipes or default_recipes()
     times: dict[int, list[float]] = {1: [], 2: []}
@@ -268,8 +269,13 @@ def main(argv=None) -> int:
         task = make_task(cfg)
         print(f"bench_cook: the pool {args.pool} of sweep {cfg['sweep']} ({task.name}); load average "
               f"{common.load():.2f}", flush=True)
-        compare_workers(args, cfg, task, task.training_data(), os.path.abspath(args.pool), cfg["sweep"],
-                        cfg["soup"]["recipes"])
+        from orchestrator.common.pool import Pool
+        from orchestrator.soup.sweep import select_training
+
+        data = task.training_data()  # as the sweep trained: label noise and a data_selection included
+        _, data_key, _ = select_training(cfg, task, data, Pool(args.pool))
+        compare_workers(args, cfg, task, data, os.path.abspath(args.pool), cfg["sweep"], cfg["soup"]["recipes"],
+                        data_key)
         print(f"bench_cook finished in {time.perf_counter() - t0:.0f} s")
         return 0
     cfg = common.load_soup_config(common.soup_overrides(args))

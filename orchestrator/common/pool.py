@@ -178,6 +178,8 @@ class Pool:
         exists keeps its row, except that a finished row supersedes a `failed` one (a trial that
         failed, then finished after --resume) and an unreadable one (a crash mid-write); an `ok`
         row is never replaced."""
+        if weights is not None and table is not None:
+            raise ValueError("a pool row has one file: weights or a table, not both")
         ingredient_id = safe_id(row.id)
         existing = self._readable_row(ingredient_id)
         if existing is not None and not (existing["status"] == "failed" and row.status != "failed"):

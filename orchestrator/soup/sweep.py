@@ -20,7 +20,9 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
+import numpy as np
 import torch
 
 from orchestrator.common import tracking, tune
@@ -35,7 +37,7 @@ from orchestrator.soup.kitchen import Kitchen, check_cookable
 from orchestrator.soup.pretrained import ensure_pretrained
 from orchestrator.soup.publish import Publisher, parent_metrics
 from orchestrator.soup.recipes import RECIPES, cook, default_recipes, ordered, unavailable
-from orchestrator.soup.tasks.base import View
+from orchestrator.soup.tasks.base import View, original
 from orchestrator.soup.summary import interval_metrics, summary_table
 from orchestrator.soup.train import metric_sets
 
@@ -125,7 +127,9 @@ class SoupSweep:
         """The shared starting weights, and the sweep's MLflow parent run."""
         cfg, args = self.cfg, self.args
         self.pretrained = (self.pool.get(self.task.pretrained_id()) if args.skip_train
-                           else ensure_pretrained(self.pool, self.task, self.data, cfg["sweep"]))
+                           # the start point never sees label noise or a selection: its key does not know them
+                           else ensure_pretrained(self.pool, self.task, replace(self.data, train=original(self.data.train)),
+                                                  cfg["sweep"]))
         self.experiment = tracking.experiment_id(self.uri, cfg["sweep"])
         self.run_name = tune.run_name(cfg["sweep"])
         self.parent = tracking.start_run(
@@ -308,7 +312,7 @@ class SoupSweep:
         if not self.cfg["record_dynamics"]:
             return
         try:
-            self.data_map = report.load(self.pool, self.cfg["sweep"], self.data_key)
+            self.data_map = report.load(self.pool, self.cfg["sweep"], self.data_key, self.pretrained["id"])
         except UserError:
             return  # e.g. --skip-train on a pool whose trials predate recording
         for path in report.write(self.data_map, self.task, self.all_train, os.path.join(tmp, "data_map")):
@@ -349,11 +353,21 @@ def select_training(cfg: dict, task, data, pool: Pool) -> tuple:
     all_train, key, sel = data.train, task.data_key(), cfg["data_selection"]
     if not sel["from_sweep"]:
         return all_train, key, None
-    ids = report.select(pool, sel["from_sweep"], key, sel["region"], sel["fraction"], sel["seed"])
+    made = {**sel, "of_data_key": key}  # what defines a selection
+    df = pool.manifest()
+    earlier = df[(df["kind"] == "selection") & (df["sweep"] == cfg["sweep"])] if len(df) else df
+    earlier = [h for h in earlier["hparams"] if {k: h.get(k) for k in made} == made] if len(earlier) else []
+    if earlier:  # this sweep trained on it before (--resume, --skip-train, more trials): the same examples
+        ids = np.asarray(earlier[-1]["ids"])
+        again = " (the selection this sweep made before: a selection row in the pool)"
+    else:
+        ids = report.select(pool, sel["from_sweep"], key, sel["region"], sel["fraction"], sel["seed"])
+        again = ""
     data.train = View(data.train, torch.as_tensor(ids))
     print(f"data_selection: training on {len(ids)} of {len(all_train)} examples, the "
-          f"{sel['region'].replace('_', '-')} {sel['fraction']:.0%} of sweep {sel['from_sweep']}'s data map", flush=True)
-    return all_train, digest(key, {"train_ids": ids.tolist()}), {**sel, "examples": len(ids), "ids": ids.tolist()}
+          f"{sel['region'].replace('_', '-')} {sel['fraction']:.0%} of sweep {sel['from_sweep']}'s data map{again}",
+          flush=True)
+    return all_train, digest(key, {"train_ids": ids.tolist()}), {**made, "examples": len(ids), "ids": ids.tolist()}
 
 
 def describe_trial(config: dict, result: dict) -> str:

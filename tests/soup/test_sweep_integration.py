@@ -262,7 +262,7 @@ def cooked_by(swept, workers, names, selection="all"):
     done = lambda name, dishes, seconds: finished.append(name)  # noqa: E731
     cooked_by.progress = []  # the actors' evaluations so far, as cooking reported them
     return cook_on_ray(spec, data, names, cfg["soup"], workers, {"cpu": 1, "gpu": 0}, done,
-                       progress=cooked_by.progress.append, period=0.2), finished
+                       progress=cooked_by.progress.append, period=0.02), finished
 
 
 def test_cooking_on_two_ray_workers_gives_the_dishes_of_cooking_in_one_process(swept):

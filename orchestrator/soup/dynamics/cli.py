@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     data = task.training_data()
     pool = Pool(args.pool)
     all_train, data_key, _ = select_training(cfg, task, data, pool)
-    data_map = report.load(pool, sweep, data_key)
+    data_map = report.load(pool, sweep, data_key, task.pretrained_id())
     out = args.out or os.path.join("data_map", sweep)
     files = report.write(data_map, task, all_train, out)
     print(report.summary(data_map))

@@ -38,9 +38,11 @@ class DataMap:
                 **{f"one trial {agg}": one[["precision", "recall"]].agg(agg).to_dict() for agg in ("mean", "min", "max")}}
 
 
-def load(pool: Pool, sweep: str, data_key: str | None = None) -> DataMap:
-    """The sweep's recorded dynamics (finished trials), for this training data when `data_key` is
-    given; a one-line error when there are none."""
+def load(pool: Pool, sweep: str, data_key: str | None = None, start: str | None = None) -> DataMap:
+    """The sweep's recorded dynamics (of its finished trials), for this training data when
+    `data_key` is given and of trials from the start point `start` when given; a one-line error
+    when there are none, or when they come from several start points (models) and `start` does
+    not say which (a sweep name reused for another model)."""
     df = pool.manifest()
     if df.empty:
         raise UserError(f"{pool.uri}: the pool is empty")
@@ -54,6 +56,17 @@ def load(pool: Pool, sweep: str, data_key: str | None = None) -> DataMap:
         if rows.empty:
             raise UserError(f"{pool.uri}: sweep {sweep!r} recorded dynamics for other training data (another "
                             "data fingerprint: other files, split, label noise or selection), not this one")
+    trials = df[(df["kind"] == "trial") & (df["status"] == "ok")].set_index("id")["parents"]
+    rows = rows[[p[0] in trials.index for p in rows["parents"]]]  # a finished trial's dynamics only
+    starts = pd.Series([trials[p[0]][0] if len(trials[p[0]]) else "" for p in rows["parents"]], index=rows.index)
+    if start is not None:
+        rows, starts = rows[starts == start], starts[starts == start]
+    if starts.nunique() > 1:
+        raise UserError(f"{pool.uri}: sweep {sweep!r} recorded dynamics of trials from {starts.nunique()} start "
+                        f"points ({', '.join(sorted(starts.unique()))}): one map per model; use another sweep name")
+    if rows.empty:
+        raise UserError(f"{pool.uri}: no finished trial of sweep {sweep!r} with dynamics"
+                        + (f" started from {start}" if start else ""))
     per_trial = {r["parents"][0]: example_stats(pool.load_table(r).to_pandas()) for r in rows.to_dict("records")}
     return DataMap(sweep, per_trial, with_regions(average_maps(list(per_trial.values()))))
 

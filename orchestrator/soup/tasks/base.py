@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
+from orchestrator.common.errors import ConfigError
 from orchestrator.common.weights import StateDict, digest
 
 
@@ -94,6 +95,11 @@ class View(Examples):
 
     def with_transform(self, transform) -> "View":  # tasks that transform per example (timm_image)
         return View(self.base.with_transform(transform), self.ids, self.labels)
+
+
+def original(examples: Examples) -> Examples:
+    """The task's own training set behind a view: every example, the labels as the data has them."""
+    return examples.base if isinstance(examples, View) else examples
 
 
 def example_ids(examples: Examples) -> torch.Tensor:
@@ -176,6 +182,8 @@ class Task(ABC):
         data = self.data()
         fraction = self.settings["label_noise"]
         if fraction > 0:
+            if len(data.train.labels.unique()) < 2:
+                raise ConfigError("task.label_noise: the training data has one class, so no label can be flipped")
             labels, data.flipped = flip_labels(data.train.labels, fraction, self.settings["label_noise_seed"])
             data.train = View(data.train, torch.arange(len(labels)), labels)
         return data

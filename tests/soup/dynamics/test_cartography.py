@@ -100,6 +100,8 @@ def test_selection_from_hand_made_pool_rows(tmp_path):
     from orchestrator.soup.dynamics import report
 
     pool = Pool(str(tmp_path / "pool"), create=True)
+    for trial, start in (("t1", "pre-a"), ("t2", "pre-a"), ("t3", "pre-b")):
+        pool.add(Row(id=trial, kind="trial", sweep="ref", task="glyphs", status="ok", parents=[start], data_key="k1"))
     for trial, epochs in (("t1", 1), ("t2", 1)):
         frame = pd.DataFrame({"id": list(range(6)) * epochs, "epoch": [e for e in range(epochs) for _ in range(6)],
                               "p_gold": [0.9, 0.1, 0.5, 0.7, 0.2, 0.6] * epochs, "correct": [True] * 6 * epochs,
@@ -107,9 +109,16 @@ def test_selection_from_hand_made_pool_rows(tmp_path):
         pool.add(Row(id=f"{trial}.dynamics", kind="dynamics", sweep="ref", task="glyphs", status="ok",
                      parents=[trial], data_key="k1"), table=pa.Table.from_pandas(frame))
     assert report.select(pool, "ref", "k1", "hard_to_learn", 0.5, 0).tolist() == [1, 2, 4]
+    assert sorted(report.load(pool, "ref", "k1", start="pre-a").per_trial) == ["t1", "t2"]
     with pytest.raises(UserError, match="ambiguous needs dynamics over 2 or more epochs"):
         report.select(pool, "ref", "k1", "ambiguous", 0.5, 0)
     with pytest.raises(UserError, match="other training data"):
         report.select(pool, "ref", "k2", "hard_to_learn", 0.5, 0)
     with pytest.raises(UserError, match="no training dynamics of sweep 'nope'"):
         report.select(pool, "nope", "k1", "easy", 0.5, 0)
+    frame = pd.DataFrame({"id": range(6), "epoch": 0, "p_gold": 0.5, "correct": True, "flipped": False})
+    pool.add(Row(id="t3.dynamics", kind="dynamics", sweep="ref", task="glyphs", status="ok", parents=["t3"],
+                 data_key="k1"), table=pa.Table.from_pandas(frame))  # the sweep name reused for another model
+    with pytest.raises(UserError, match="from 2 start points"):
+        report.select(pool, "ref", "k1", "hard_to_learn", 0.5, 0)
+    assert sorted(report.load(pool, "ref", "k1", start="pre-b").per_trial) == ["t3"]

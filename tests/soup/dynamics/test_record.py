@@ -47,8 +47,22 @@ def assert_once_per_epoch(frame, ids, epochs):
         assert sorted(frame.loc[frame["epoch"] == e, "id"]) == sorted(ids)
 
 
+class NormTask(TinyTask):
+    """TinyTask with BatchNorm and dropout: what the extra forward pass under mixup must not disturb
+    (running statistics, and the RNG dropout draws from)."""
+
+    def build_model(self):
+        from torch import nn
+
+        return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+
+
 @pytest.mark.parametrize("mixup", [0.0, 0.4])
-def test_every_example_once_per_epoch_and_training_unchanged(task, data, init, mixup):
+@pytest.mark.parametrize("model", ["linear", "batchnorm+dropout"])
+def test_every_example_once_per_epoch_and_training_unchanged(task, data, init, mixup, model):
+    if model != "linear":
+        task = NormTask()
+        init = task.pretrain()
     hp = {"mixup": mixup, "augment": 0.5, "label_smoothing": 0.1}
     recorded, plain = train(task, data, init, hp), train(task, data, init, hp, record_dynamics=False)
     assert plain.dynamics is None

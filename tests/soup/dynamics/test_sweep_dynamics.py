@@ -111,6 +111,9 @@ def test_an_ftft_sweep_trains_on_the_ambiguous_third_of_the_reference(reference)
     (parent,) = client.search_runs([client.get_experiment_by_name("main").experiment_id],
                                    "tags.`orchestrator.role` = 'sweep'")
     assert "data_selection.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    # the sweep keeps its selection: re-cooking (or resuming, or more trials) trains on the same examples
+    code, again = run_sweep(root, "main", *NOISY, "data_selection.from_sweep=ref", "--skip-train")
+    assert code == 0 and "(the selection this sweep made before" in again, again[-2000:]
 
 
 @pytest.mark.parametrize("more, message", [
