@@ -28,6 +28,9 @@ STATUS = "orchestrator.status"  # the pool row's status
 POOL = "orchestrator.pool"
 REPLAYED = "orchestrator.replayed"  # logged afterwards from the pool (pool sync-mlflow)
 PARENT = "mlflow.parentRunId"
+NOTE = "mlflow.note.content"  # a run's description (markdown), shown on its run page
+# MLflow 3's UI opens an experiment without this tag on its GenAI trace overview, empty for us
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 # Trials give up on an unreachable server in seconds, not MLflow's default minutes of
 # retries: their results are in the pool either way (replayed with `pool sync-mlflow`).
@@ -81,7 +84,12 @@ def experiment_id(uri: str, name: str) -> str:
     c = client(uri)
     try:
         exp = c.get_experiment_by_name(name)
-        return exp.experiment_id if exp else c.create_experiment(name)
+        if exp is None:
+            return c.create_experiment(name, tags=EXPERIMENT_KIND)
+        for key, value in EXPERIMENT_KIND.items():  # an experiment made by an older version
+            if exp.tags.get(key) != value:
+                c.set_experiment_tag(exp.experiment_id, key, value)
+        return exp.experiment_id
     except Exception as e:  # noqa: BLE001 - MLflow raises many types for an unreachable store
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"tracking URI {uri}: cannot reach the MLflow tracking store ({first[:200]})") from None
@@ -101,11 +109,22 @@ def run_tags(role: str, parent: str | None = None, more: dict[str, str] | None =
 
 
 def start_run(uri: str, exp_id: str, name: str, tags: dict[str, str], params: dict[str, Any] | None = None) -> str:
-    """A new run (tags from run_tags) with its params; returns its id."""
-    run = client(uri).create_run(exp_id, run_name=name, tags=tags)
+    """A new run (tags from run_tags, plus the source, user and git commit MLflow's fluent API
+    would add, which the UI shows) with its params; returns its id."""
+    run = client(uri).create_run(exp_id, run_name=name, tags={**context_tags(), **tags})
     if params:
         log_params(uri, run.info.run_id, params)
     return run.info.run_id
+
+
+def context_tags() -> dict[str, str]:
+    """mlflow.user, mlflow.source.name / .type and, from a git checkout, mlflow.source.git.commit."""
+    try:
+        from mlflow.tracking.context.registry import resolve_tags
+
+        return dict(resolve_tags())
+    except Exception:  # noqa: BLE001 - an internal MLflow API: without it runs only lack these tags
+        return {}
 
 
 def find_run(uri: str, exp_id: str, tag: str, value: str) -> str | None:

@@ -292,6 +292,8 @@ class SoupSweep:
         table = summary_table(self.dishes, groups)
         tracking.log_metrics(uri, parent, {**parent_metrics(self.dishes), **interval_metrics(self.dishes, groups)})
         tracking.log_text(uri, parent, table, "summary.txt")
+        description = f"```\n{table}\n```" + (f"\n\n```\n{self.map_summary}\n```" if self.data_map else "")
+        tracking.set_tags(uri, parent, {tracking.NOTE: description[:8000]})  # the run page's description (MLflow's limit)
         print()
         print(table)
         if self.data_map:

@@ -100,6 +100,12 @@ def test_mlflow_has_parent_nested_trials_and_recipes(swept):
     client, by_role = runs_by_role(uri)
     (parent,) = by_role["sweep"]
     assert parent.info.status == "FINISHED"
+    # what the MLflow UI shows: a model-training experiment, the run's source and user, and the
+    # summary table as the run's description
+    assert client.get_experiment_by_name("tiny").tags["mlflow.experimentKind"] == "custom_model_development"
+    assert parent.data.tags["mlflow.user"] and parent.data.tags["mlflow.source.name"]
+    assert "greedy soup" in parent.data.tags["mlflow.note.content"] and "difference to the best individual" in \
+        parent.data.tags["mlflow.note.content"]
     assert parent.data.params["pool"] == str(root / "pool")
     assert float(parent.data.params["ray_cpus"]) >= 1
     trials = by_role["trial"]
