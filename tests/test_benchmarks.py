@@ -173,7 +173,9 @@ def test_bench_dynamics_tiny(tmp_path, cache_dir):
     for mixup in ("0", "0.2"):
         off, on, ratio = (float(x) for x in re.search(
             rf"^\s+{re.escape(mixup)}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}x", out, re.MULTILINE).groups())
-        assert off > 0 and on > 0 and ratio == pytest.approx(on / off, abs=0.002), mixup
+        assert off > 0 and on > 0, mixup
+        low, high = (on - 5e-4) / (off + 5e-4), (on + 5e-4) / (off - 5e-4)  # times printed to 3 decimals
+        assert low - 5e-4 <= ratio <= high + 5e-4, mixup
     number(rf"^recording overhead without mixup: {NUMBER}x", out)
     assert number(rf"^writing one trial's dynamics \(899 rows\) into a pool: {NUMBER} ms", out) > 0
 
