@@ -13,24 +13,9 @@ import torch.multiprocessing as mp
 from orchestrator.soup.dynamics.record import Recorder
 from orchestrator.soup.tasks.base import View
 from orchestrator.soup.train import FineTune
-from tests.soup.test_train import TinyTask
+from tests.soup.test_train import TinyTask, data, init, task  # noqa: F401 - the fine-tuning tests' fixtures
 
 HP = {"lr": 0.05, "weight_decay": 1e-4, "epochs": 3, "batch_size": 32, "mixup": 0.0, "augment": 0.0, "seed": 3}
-
-
-@pytest.fixture(scope="module")
-def task():
-    return TinyTask()
-
-
-@pytest.fixture(scope="module")
-def data(task):
-    return task.data()
-
-
-@pytest.fixture(scope="module")
-def init(task):
-    return task.pretrain()
 
 
 def train(task, data, init, hp, **kw) -> FineTune:
