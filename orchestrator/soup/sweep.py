@@ -357,8 +357,8 @@ def select_training(cfg: dict, task, data, pool: Pool) -> tuple:
         return all_train, key, None
     made = {**sel, "of_data_key": key}  # what defines a selection
     df = pool.manifest()
-    earlier = df[(df["kind"] == "selection") & (df["sweep"] == cfg["sweep"])] if len(df) else df
-    earlier = [h for h in earlier["hparams"] if {k: h.get(k) for k in made} == made] if len(earlier) else []
+    mine = df[(df["kind"] == "selection") & (df["sweep"] == cfg["sweep"])]
+    earlier = [h for h in mine["hparams"] if {k: h.get(k) for k in made} == made]
     if earlier:  # this sweep trained on it before (--resume, --skip-train, more trials): the same examples
         ids = np.asarray(earlier[-1]["ids"])
         again = " (the selection this sweep made before: a selection row in the pool)"

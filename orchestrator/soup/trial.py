@@ -165,8 +165,9 @@ def store_fisher(task, run: FineTune, data: TaskData, ctx: SweepContext, trial: 
 def store_dynamics(task, run: FineTune, data: TaskData, ctx: SweepContext, trial: Trial) -> None:
     """The trial's per-example training dynamics into the pool: a Parquet table (id, epoch, p_gold,
     correct, flipped) in a row whose parent is the trial."""
-    flipped = data.flipped if data.flipped is not None else torch.zeros(int(run.ids.max()) + 1, dtype=torch.bool)
-    frame = run.dynamics.frame(flipped=flipped)
+    frame = run.dynamics.frame(flipped=data.flipped)
+    if data.flipped is None:  # the labels as the data has them
+        frame["flipped"] = False
     trial.pool.add(Row(id=dynamics_row_id(trial.id), kind="dynamics", sweep=ctx.sweep, task=task.name, status="ok",
                        hparams={"examples": len(data.train), "epochs": run.epoch, "mixup": run.hp["mixup"]},
                        metrics={"mean_p_gold": float(frame["p_gold"].mean())}, parents=[trial.id],

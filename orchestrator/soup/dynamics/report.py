@@ -13,8 +13,7 @@ import pandas as pd
 
 from orchestrator.common.errors import UserError
 from orchestrator.common.pool import Pool
-from orchestrator.soup.dynamics.cartography import (STANDARD_FRACTION, average_maps, example_stats, region_ids, triage,
-                                               with_regions)
+from orchestrator.soup.dynamics.cartography import average_maps, example_stats, region_ids, triage, with_regions
 
 TRIAGE_FRACTION = 0.1  # label-error triage inspects the lowest-confidence 10%
 SHOWN = 32  # hardest examples listed for a person
@@ -117,9 +116,9 @@ def write(dm: DataMap, task, examples, out: str) -> list[str]:
                            f"{len(dm.per_trial)} trials")]
     table = dm.stats.copy()
     table["label"] = examples.labels[table.index.to_numpy()].numpy()
-    files.append(_save(table.reset_index().to_parquet, os.path.join(out, "data_map.parquet")))
-    per_trial = pd.concat({t: m for t, m in dm.per_trial.items()}, names=["trial", "id"]).reset_index()
-    files.append(_save(per_trial.to_parquet, os.path.join(out, "per_trial.parquet")))
+    table.reset_index().to_parquet(os.path.join(out, "data_map.parquet"))
+    pd.concat(dm.per_trial, names=["trial", "id"]).reset_index().to_parquet(os.path.join(out, "per_trial.parquet"))
+    files += [os.path.join(out, "data_map.parquet"), os.path.join(out, "per_trial.parquet")]
     hardest = table.sort_values(["confidence", "variability"]).head(SHOWN)
     views = {i: task.example_view(examples, int(i)) for i in hardest.index}
     names = task.classes() if hasattr(task, "classes") else None  # a file task's label names
@@ -159,11 +158,3 @@ def metrics(dm: DataMap) -> dict[str, float]:
                     "triage_precision_one_trial_mean": t["one trial mean"]["precision"],
                     "triage_recall_one_trial_mean": t["one trial mean"]["recall"]})
     return out
-
-
-def _save(writer, path: str) -> str:
-    writer(path)
-    return path
-
-
-__all__ = ["DataMap", "STANDARD_FRACTION", "load", "metrics", "select", "summary", "write"]
