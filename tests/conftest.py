@@ -1,10 +1,6 @@
 """Shared fixtures: one local Ray for the whole session (starting Ray costs seconds)."""
 
-import os
-
 import pytest
-
-os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no TensorBoard/CSV/JSON per trial
 
 
 @pytest.fixture(scope="session")

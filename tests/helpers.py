@@ -36,7 +36,7 @@ def start(cmd, root, log="sweep.log", **env):
     announces a cluster to other Ray users on this machine."""
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    full_env.update(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1", MLFLOW_HTTP_REQUEST_MAX_RETRIES="1",
+    full_env.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1",
                     MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0", RAY_TMPDIR=ray_tmp, **env)
     with open(root / log, "a") as out:
         proc = subprocess.Popen(cmd, cwd=root, env=full_env, stdout=out, stderr=subprocess.STDOUT,

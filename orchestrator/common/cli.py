@@ -15,7 +15,6 @@ from orchestrator.common.errors import UserError
 
 # Library defaults that only add noise to a command's terminal output.
 QUIET_ENV = {
-    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # no CSV/JSON/TensorBoard files (and hint) per trial
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # no "Downloading artifacts" bars
     "MLFLOW_LOGGING_LEVEL": "WARNING",  # no "Creating initial MLflow database tables"
     "RAY_AIR_NEW_OUTPUT": "0",  # Tune's legacy reporter, silent at verbose=0 (the new one prints a box anyway)
@@ -55,6 +54,9 @@ def add_common_flags(parser: argparse.ArgumentParser, default_pool: str) -> None
                              "(default: $RAY_ADDRESS, else a local Ray on this machine)")
     parser.add_argument("--storage", default="ray_results",
                         help="where Ray Tune keeps trial checkpoints: a folder or URI (default: ./ray_results)")
+    parser.add_argument("--tune-loggers", action="store_true",
+                        help="also let Ray Tune write its CSV/JSON/TensorBoard files for every trial under --storage "
+                             "(off by default: every trial's metrics are in MLflow)")
     parser.add_argument("--log-dir", default="logs",
                         help="folder of the log file that takes Ray's, Tune's and MLflow's own messages "
                              "(default: ./logs; its path is printed)")

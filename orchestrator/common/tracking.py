@@ -8,6 +8,7 @@ names: val_acc, id_acc, ood_acc (mean over OOD sets) and acc_<eval set>.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,10 +33,26 @@ NOTE = "mlflow.note.content"  # a run's description (markdown), shown on its run
 # MLflow 3's UI opens an experiment without this tag on its GenAI trace overview, empty for us
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
-# Trials give up on an unreachable server in seconds, not MLflow's default minutes of
-# retries: their results are in the pool either way (replayed with `pool sync-mlflow`).
+# While trials run, the driver gives up on an unreachable server in seconds, not MLflow's
+# default minutes of retries: the trials' results are in the pool either way (and replayed).
 QUICK_FAIL_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+
+@contextlib.contextmanager
+def quick_fail():
+    """QUICK_FAIL_HTTP, where the environment sets nothing else, for the calls made inside
+    (MLflow reads these at each request)."""
+    saved = {k: os.environ.get(k) for k in QUICK_FAIL_HTTP}
+    os.environ.update({k: v for k, v in QUICK_FAIL_HTTP.items() if saved[k] is None})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -147,6 +164,16 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0)
     client(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
+def log_points(uri: str, run_id: str, points: list[tuple[dict[str, float], int]]) -> None:
+    """Metrics at several steps, [(metrics, step), ...], in one call."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for metrics, step in points for k, v in metrics.items()]
+    if batch:
+        client(uri).log_batch(run_id, metrics=batch)
+
+
 def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
     from mlflow.entities import RunTag
 
@@ -167,49 +194,6 @@ def log_text(uri: str, run_id: str, text: str, name: str) -> None:
 
 def log_file(uri: str, run_id: str, path: str, folder: str | None = None) -> None:
     client(uri).log_artifact(run_id, path, folder)
-
-
-class TrialTracker:
-    """A trial's nested run. MLflow trouble never fails the trial: it is logged and
-    tracking stops for that trial (the pool keeps everything, and can be replayed)."""
-
-    def __init__(self, where: Destination, trial_id: str, name: str, params: dict[str, Any]):
-        self.uri, self.run_id = where.uri, None
-        try:
-            self.run_id = find_run(where.uri, where.experiment_id, TRIAL_ID, trial_id)  # a retry continues its run
-            if self.run_id is None:
-                self.run_id = start_run(where.uri, where.experiment_id, name,
-                                        run_tags("trial", where.parent_run_id, {TRIAL_ID: trial_id}), params)
-        except Exception as e:  # noqa: BLE001
-            self._fail(e)
-
-    @classmethod
-    def off(cls) -> "TrialTracker":
-        """A tracker that logs nothing (data-parallel workers other than rank 0)."""
-        tracker = cls.__new__(cls)
-        tracker.uri, tracker.run_id = "", None
-        return tracker
-
-    def _fail(self, e: Exception) -> None:
-        log.warning("MLflow tracking disabled for this trial: %s", str(e).splitlines()[0][:200] if str(e) else e)
-        self.run_id = None
-
-    def _call(self, fn, *args) -> None:
-        if self.run_id is None:
-            return
-        try:
-            fn(self.uri, self.run_id, *args)
-        except Exception as e:  # noqa: BLE001
-            self._fail(e)
-
-    def metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        self._call(log_metrics, metrics, step)
-
-    def tags(self, tags: dict[str, str]) -> None:
-        self._call(set_tags, tags)
-
-    def end(self, status: str = "FINISHED") -> None:
-        self._call(end_run, status)
 
 
 def replay_pool(pool, uri: str, sweep: str | None = None, parent: str | None = None) -> tuple[int, int]:

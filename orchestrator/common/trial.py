@@ -1,5 +1,6 @@
 """The skeleton every Tune trial shares, whatever it trains: resume from its last
-checkpoint, report with a checkpoint, and publish its result to the pool and MLflow.
+checkpoint, report with a checkpoint, and publish its result to the pool. (MLflow hears of
+a trial from the driver, through what it reports: common/trial_runs.py.)
 
 A training run plugs in through three methods: `weights()` (a state dict), `state()`
 (optimizer and progress, loadable with weights_only=True) and `restore(weights, state)`.
@@ -20,7 +21,6 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import load_file, save_file
 
-from orchestrator.common import tracking
 from orchestrator.common.pool import Pool, Row
 from orchestrator.common.weights import StateDict
 
@@ -37,9 +37,6 @@ class TrialContext:
 
     sweep: str  # the sweep or study name: the pool's `sweep` column
     pool_uri: str  # absolute: each trial runs in a folder of its own
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
     cpus_per_trial: int
 
 
@@ -60,29 +57,19 @@ class Reporter:
 
 class Trial:
     """One trial's bookkeeping around its training loop; `lead` is the process that writes
-    (the pool, MLflow, checkpoints): the only one, or rank 0 of a data-parallel trial."""
+    (the pool, checkpoints): the only one, or rank 0 of a data-parallel trial."""
 
     def __init__(self, ctx: TrialContext, trial_id: str, reporter: Reporter):
-        for key, value in tracking.QUICK_FAIL_HTTP.items():  # a dead MLflow server must not stall training
-            os.environ.setdefault(key, value)
         torch.set_num_threads(max(1, ctx.cpus_per_trial))
         self.ctx, self.id, self.reporter = ctx, trial_id, reporter
         self.lead = reporter.rank == 0
         self.pool = Pool(ctx.pool_uri)
-        self.mlflow = tracking.TrialTracker.off()
 
     def published(self) -> dict[str, Any] | None:
         """This trial's pool row if it already finished (its driver died before Tune recorded
         that, and Tuner.restore started it again): there is nothing to redo."""
         row = self.pool.get(self.id) if self.pool.has(self.id) else None
         return row if row and row["status"] != "failed" else None
-
-    def track(self, name: str, params: dict[str, Any]) -> tracking.TrialTracker:
-        """The trial's nested MLflow run (a retried trial continues its own)."""
-        if self.lead:
-            where = tracking.Destination(self.ctx.tracking_uri, self.ctx.experiment_id, self.ctx.parent_run_id)
-            self.mlflow = tracking.TrialTracker(where, self.id, name, params)
-        return self.mlflow
 
     def resume(self, run: Resumable) -> bool:
         """Restore `run` from the trial's last checkpoint, if Tune handed it one."""
@@ -104,14 +91,10 @@ class Trial:
             torch.save(run.state(), os.path.join(d, "train_state.pt"))
             self.reporter.report(metrics, checkpoint_dir=d)
 
-    def publish(self, row: Row, weights: StateDict | None = None, mlflow_status: str = "FINISHED") -> None:
-        """The trial's result into the pool, then its MLflow run tagged and closed."""
-        if not self.lead:
-            return
-        row.mlflow_run_id = self.mlflow.run_id or ""
-        self.pool.add(row, weights)
-        self.mlflow.tags({tracking.INGREDIENT: self.id, tracking.STATUS: row.status})
-        self.mlflow.end(mlflow_status)
+    def publish(self, row: Row, weights: StateDict | None = None) -> None:
+        """The trial's result into the pool (its MLflow run is tagged with the row's id by the driver)."""
+        if self.lead:
+            self.pool.add(row, weights)
 
 
 def maybe_crash(trial_id: str, epoch: int) -> None:

@@ -102,8 +102,10 @@ class TuneRun:
     max_failures: int  # retries per crashed trial
     total: int  # trials expected, for the progress lines
     describe: Callable[[dict[str, Any], dict[str, Any]], str]  # (config, last result) -> a progress line
+    trial_runs: Any = None  # trial_runs.TrialRuns: every trial's MLflow run, logged from the driver
+    tune_loggers: bool = False  # Tune's own CSV/JSON/TensorBoard files for every trial under storage
 
-    def fit(self, param_space: dict[str, Any], tune_config) -> Any:
+    def fit(self, param_space: dict[str, Any], tune_config, scheduler=None) -> Any:
         from ray import tune
 
         fs, root = storage_fs(self.storage)
@@ -117,17 +119,35 @@ class TuneRun:
                 storage_filesystem=fs,
                 failure_config=tune.FailureConfig(max_failures=self.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[Progress(self.describe, self.total)],
+                callbacks=self._callbacks(),
                 verbose=0,  # our one line per trial instead of Tune's tables
             ),
         )
-        return tuner.fit()
+        return self._run(tuner)
 
     def restore(self, path: str) -> Any:
         from ray import tune
 
         fs, _ = storage_fs(self.storage)
-        return tune.Tuner.restore(path, self._trainable(), resume_errored=True, storage_filesystem=fs).fit()
+        tuner = tune.Tuner.restore(path, self._trainable(), resume_errored=True, storage_filesystem=fs)
+        # Tune restores the callbacks pickled by the first driver, whose MLflow parent run was
+        # another; this driver's own go in their place (no public API for that in Ray 2.60)
+        inner = tuner._local_tuner
+        config = inner.get_run_config()
+        config.callbacks = self._callbacks()
+        inner.set_run_config(config)
+        return self._run(tuner)
+
+    def _callbacks(self) -> list:
+        return [Progress(self.describe, self.total)] + ([self.trial_runs] if self.trial_runs else [])
+
+    def _run(self, tuner) -> Any:
+        from orchestrator.common import tracking
+
+        # Tune's automatic per-trial loggers write files nobody reads here (MLflow has it all)
+        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0" if self.tune_loggers else "1"
+        with tracking.quick_fail():  # a dead tracking server costs seconds, not minutes per result
+            return tuner.fit()
 
     def _trainable(self):
         from ray import tune

@@ -121,23 +121,26 @@ class LRStudy:
     def train(self) -> None:
         from ray import tune as ray_tune
 
-        from orchestrator.proxy.trial import ProxyContext, run_proxy_trial
+        from orchestrator.common.trial_runs import TrialRuns
+        from orchestrator.proxy.trial import ProxyContext, proxy_hparams, run_proxy_trial, trial_run_name
 
         cfg, grid = self.cfg, self.cfg["grid"]
         size = tune.connect(self.args.address, self.args.verbose)
         tracking.log_params(self.uri, self.parent, size)
         print(f"Ray: {size['ray_nodes']} node(s), {size['ray_cpus']:g} CPUs; running {self.n_runs} proxy runs",
               flush=True)
-        ctx = ProxyContext(sweep=cfg["study"], pool_uri=self.pool.uri, tracking_uri=self.uri,
-                           experiment_id=self.experiment, parent_run_id=self.parent,
-                           cpus_per_trial=int(max(1, cfg["resources"].get("cpu", 1))),
+        ctx = ProxyContext(sweep=cfg["study"], pool_uri=self.pool.uri, cpus_per_trial=int(max(1, cfg["resources"].get("cpu", 1))),
                            study_keys={name: run_key(cfg, name) for name in cfg["interventions"]},
                            settings=cfg["settings"], interventions=cfg["interventions"],
                            checkpoint_every=cfg["checkpoint_every"], done=self.finished_runs())
         run = tune.TuneRun(name=self.run_name, storage=self.args.storage,
                            trainable=ray_tune.with_parameters(run_proxy_trial, ctx=ctx, data=self.data),
                            resources=dict(cfg["resources"]), max_failures=cfg["max_failures"], total=self.n_runs,
-                           describe=describe_run)
+                           describe=describe_run, tune_loggers=self.args.tune_loggers,
+                           # a diverged probe is a measurement, not a failure: its run ends FINISHED
+                           trial_runs=TrialRuns(tracking.Destination(self.uri, self.experiment, self.parent),
+                                                name=trial_run_name, params=lambda hp: proxy_hparams(ctx, hp),
+                                                diverged_fails=False))
         space = search_space({"intervention": {"grid": grid["interventions"]}, "width": {"grid": grid["widths"]},
                               "lr": {"grid": grid["lrs"]}, "seed": {"grid": grid["seeds"]}})
         if self.resume_path:

@@ -1,5 +1,6 @@
-"""The LR study's Ray Tune trial: one proxy run (proxy/run.py) at one grid point,
-published to the pool (kind=proxy) and MLflow through the shared trial skeleton."""
+"""The LR study's Ray Tune trial: one proxy run (proxy/run.py) at one grid point, reported
+every `log_every` steps (the driver logs the reports to MLflow) and published to the pool
+(kind=proxy) through the shared trial skeleton."""
 
 from __future__ import annotations
 
@@ -50,30 +51,38 @@ def run_proxy_trial(hp: dict[str, Any], ctx: ProxyContext, data: ByteCorpus) -> 
     if earlier:  # an earlier launch of the study ran this grid point: keep its result
         tune.report({**trial.pool.get(earlier)["metrics"], "ingredient_id": earlier, "reused": 1.0})
         return
-    settings = {**ctx.settings, **ctx.interventions[hp["intervention"]]}
+    settings = proxy_settings(ctx, hp)
     run = ProxyRun(settings, hp["width"], hp["lr"], hp["seed"], data)
-    hparams = {**hp, **settings, "study_key": ctx.study_keys[hp["intervention"]]}
-    mlflow = trial.track(f"{hp['intervention']}-w{hp['width']}-lr{hp['lr']:g}-s{hp['seed']}", hparams)
+    hparams = proxy_hparams(ctx, hp)
     if not trial.resume(run):  # a retried trial resumes where its last checkpoint left it
-        mlflow.metrics({"val_loss": run.loss_0}, step=0)
+        trial.report({"val_loss": run.loss_0, "step": 0})
 
     while not run.done:
         record = run.train_step()
         if record is None:
             continue
         run.history.append(record)
-        mlflow.metrics(finite({k: v for k, v in record.items() if k != "step"}), step=record["step"])
-        if run.done:
-            break
-        checkpoint = ctx.checkpoint_every and run.step % ctx.checkpoint_every < settings["log_every"]
+        checkpoint = not run.done and ctx.checkpoint_every and run.step % ctx.checkpoint_every < settings["log_every"]
         trial.report({**finite(record), "diverged": 0.0}, run if checkpoint else None)
 
     summary = run.summary()
     status = "diverged" if run.diverged else "ok"
-    mlflow.metrics(finite({"val_loss": summary["final_loss"], **{k: v for k, v in summary.items()
-                                                                 if k != "final_loss"}}), step=run.step)
-    # a diverged run is a finished measurement, not a failed trial: its MLflow run ends FINISHED
     trial.publish(Row(id=trial.id, kind="proxy", sweep=ctx.sweep, task="proxy_lm", status=status, hparams=hparams,
                       metrics=finite(summary), history=[finite(h) for h in run.history],
                       arch=arch_fingerprint(run.weights())), None if run.diverged else run.weights())
-    trial.report({**finite(summary), "step": run.step, "ingredient_id": trial.id}, run)
+    trial.report({**finite(summary), "val_loss": summary["final_loss"], "step": run.step, "ingredient_id": trial.id},
+                 run)
+
+
+def proxy_settings(ctx: ProxyContext, hp: dict[str, Any]) -> dict[str, Any]:
+    """The study's settings with the trial's intervention applied."""
+    return {**ctx.settings, **ctx.interventions[hp["intervention"]]}
+
+
+def proxy_hparams(ctx: ProxyContext, hp: dict[str, Any]) -> dict[str, Any]:
+    """Everything that defines a proxy run: its grid point, its settings and the study key."""
+    return {**hp, **proxy_settings(ctx, hp), "study_key": ctx.study_keys[hp["intervention"]]}
+
+
+def trial_run_name(trial_id: str, hp: dict[str, Any]) -> str:
+    return f"{hp['intervention']}-w{hp['width']}-lr{hp['lr']:g}-s{hp['seed']}"

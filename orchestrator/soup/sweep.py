@@ -147,10 +147,13 @@ class SoupSweep:
                                                         if k != "ids"})
 
     def train(self) -> None:
-        """Fan the trials out with Ray Tune; each one publishes itself to the pool and MLflow."""
+        """Fan the trials out with Ray Tune; each one publishes itself to the pool, and the
+        driver logs what it reports to MLflow as it goes."""
         from ray import tune as ray_tune
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
+        from orchestrator.common.trial_runs import TrialRuns
+        from orchestrator.soup.train import HPARAMS
         from orchestrator.soup.trial import SweepContext, run_trial
 
         cfg, args = self.cfg, self.args
@@ -160,9 +163,7 @@ class SoupSweep:
               + (f"resuming {self.resume_path}" if self.resume_path else f"running {cfg['num_samples']} trials"),
               flush=True)
         res = cfg["resources"]
-        ctx = SweepContext(sweep=cfg["sweep"], pool_uri=self.pool.uri, tracking_uri=self.uri,
-                           experiment_id=self.experiment, parent_run_id=self.parent,
-                           cpus_per_trial=int(max(1, res["cpu"])), task_name=self.task.name,
+        ctx = SweepContext(sweep=cfg["sweep"], pool_uri=self.pool.uri, cpus_per_trial=int(max(1, res["cpu"])), task_name=self.task.name,
                            task_settings=self.task.model_settings(), pretrained_id=self.pretrained["id"],
                            data_key=self.data_key, reusable={} if args.retrain else self.reusable_trials(),
                            precision=cfg["precision"], resources=dict(res), storage=args.storage,
@@ -173,7 +174,11 @@ class SoupSweep:
             trainable=ray_tune.with_parameters(run_trial, ctx=ctx, data=self.data),
             # a data-parallel trial only waits on its Ray Train workers, which ask for the resources
             resources={"cpu": res["cpu"], "gpu": res["gpu"]} if res["workers"] == 1 else {"cpu": 0.01},
-            max_failures=cfg["max_failures"], total=cfg["num_samples"], describe=describe_trial)
+            max_failures=cfg["max_failures"], total=cfg["num_samples"], describe=describe_trial,
+            trial_runs=TrialRuns(tracking.Destination(self.uri, self.experiment, self.parent),
+                                 name=lambda trial_id, config: f"trial-{trial_id}",
+                                 params=lambda config: {**HPARAMS, **config}),
+            tune_loggers=args.tune_loggers)
         if self.resume_path:
             self.results = run.restore(self.resume_path)
         else:

@@ -1,6 +1,6 @@
 """The soup sweep's Ray Tune trial: fine-tune from the pool's pretrained weights,
-checkpoint and report every epoch, and publish the final weights to the pool and MLflow
-(the shared steps are common/trial.py's)."""
+checkpoint and report every epoch (the driver logs each report to MLflow), and publish the
+final weights to the pool (the shared steps are common/trial.py's)."""
 
 from __future__ import annotations
 
@@ -110,7 +110,6 @@ def fine_tune(hp: dict[str, Any], ctx: SweepContext, data: TaskData, trial: Tria
     world, wrap = parallel
     run = FineTune(task, data, pretrained, hp, precision=ctx.precision, rank=trial.reporter.rank, world=world,
                    wrap=wrap, record_dynamics=ctx.record_dynamics)
-    trial.track(f"trial-{trial.id}", run.hp)
     if trial.resume(run):  # a retried trial resumes from its last finished epoch
         print(f"trial {trial.id}: resuming after epoch {run.epoch} from its checkpoint")
 
@@ -125,7 +124,7 @@ def fine_tune(hp: dict[str, Any], ctx: SweepContext, data: TaskData, trial: Tria
         seconds = time.time() - t0
         if not math.isfinite(loss):
             metrics = {"train_loss": loss, "diverged": 1.0}
-            trial.publish(row("diverged", metrics, arch_fingerprint(pretrained)), mlflow_status="FAILED")
+            trial.publish(row("diverged", metrics, arch_fingerprint(pretrained)))
             trial.report({**metrics, "epoch": run.epoch + 1, "val_acc": 0.0, "ingredient_id": trial.id})
             return
         metrics = {"train_loss": loss, "epoch_seconds": seconds,
@@ -135,7 +134,6 @@ def fine_tune(hp: dict[str, Any], ctx: SweepContext, data: TaskData, trial: Tria
             continue
         metrics.update(evaluate(task, run.model, data, precision=ctx.precision))
         run.history.append({"epoch": run.epoch, **metrics})
-        trial.mlflow.metrics(metrics, step=run.epoch)
         report = {**metrics, "epoch": run.epoch, "diverged": 0.0}
         if run.done:  # final epoch: publish to the pool before the last report
             # before the trial's row: a finished trial has its Fisher and its dynamics

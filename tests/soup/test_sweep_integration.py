@@ -114,7 +114,11 @@ def test_mlflow_has_parent_nested_trials_and_recipes(swept):
         assert t.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert {"lr", "weight_decay", "epochs", "seed"} <= set(t.data.params)
         assert {"val_acc", "id_acc", "ood_acc", "acc_ood_fonts", "train_loss"} <= set(t.data.metrics)
-        assert t.data.tags["orchestrator.ingredient_id"]
+        assert t.data.tags["orchestrator.ingredient_id"] == t.data.tags["orchestrator.trial_id"]
+        assert t.info.status == "FINISHED" and t.data.tags["orchestrator.status"] == "ok"
+        assert t.data.tags["mlflow.user"] and t.data.tags["mlflow.source.name"]  # logged from the driver
+        assert not {"time_this_iter_s", "training_iteration", "epoch"} & set(t.data.metrics)  # ours only
+        assert t.data.params["batch_size"] == "32" and t.data.params["warmup_frac"] == "0.1"  # defaults filled in
         history = client.get_metric_history(t.info.run_id, "val_acc")
         assert len(history) == int(t.data.params["epochs"])  # one point per epoch
     recipes = by_role["recipe"]
