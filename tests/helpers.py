@@ -4,9 +4,11 @@ sweep as a process of its own whose Ray the test can kill."""
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 from orchestrator.common.pool import Pool
 
@@ -70,3 +72,22 @@ def trial_rows(pool_uri):
 def weights_file(pool_root, ingredient_id: str) -> str:
     """The path of an ingredient's weights file (named by its content)."""
     return os.path.join(str(pool_root), Pool(str(pool_root)).get(ingredient_id)["weights"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mlflow_server(root, port):
+    proc = start([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                  "--backend-store-uri", f"sqlite:///{root}/server.db", "--default-artifact-root",
+                  str(root / "artifacts"), "--workers", "1"], root, log="mlflow.log")
+    from orchestrator.common.tracking import unreachable
+
+    deadline = time.time() + 90
+    while unreachable(f"http://127.0.0.1:{port}", timeout=1):
+        assert proc.poll() is None and time.time() < deadline, (root / "mlflow.log").read_text()[-2000:]
+        time.sleep(0.5)
+    return proc

@@ -27,6 +27,7 @@ SWEEP = "orchestrator.sweep"
 INGREDIENT = "orchestrator.ingredient_id"  # the pool row it made
 STATUS = "orchestrator.status"  # the pool row's status
 POOL = "orchestrator.pool"
+LAST_STEP = "orchestrator.last_step"  # the last step a trial's run has metrics of (driver-side logging)
 REPLAYED = "orchestrator.replayed"  # logged afterwards from the pool (pool sync-mlflow)
 PARENT = "mlflow.parentRunId"
 NOTE = "mlflow.note.content"  # a run's description (markdown), shown on its run page
@@ -144,9 +145,10 @@ def context_tags() -> dict[str, str]:
         return {}
 
 
-def find_run(uri: str, exp_id: str, tag: str, value: str) -> str | None:
+def find_run(uri: str, exp_id: str, tag: str, value: str, full: bool = False):
+    """The id of the run whose `tag` is `value` (with `full`, the run itself), or None."""
     runs = client(uri).search_runs([exp_id], filter_string=f"tags.`{tag}` = '{value}'", max_results=1)
-    return runs[0].info.run_id if runs else None
+    return (runs[0] if full else runs[0].info.run_id) if runs else None
 
 
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
@@ -164,14 +166,14 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0)
     client(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
-def log_points(uri: str, run_id: str, points: list[tuple[dict[str, float], int]]) -> None:
-    """Metrics at several steps, [(metrics, step), ...], in one call."""
-    from mlflow.entities import Metric
+def log_points(uri: str, run_id: str, points: list[tuple[dict[str, float], int]], tags: dict[str, str]) -> None:
+    """Metrics at several steps, [(metrics, step), ...], and tags, in one call."""
+    from mlflow.entities import Metric, RunTag
 
     now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step) for metrics, step in points for k, v in metrics.items()]
-    if batch:
-        client(uri).log_batch(run_id, metrics=batch)
+    client(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for metrics, step in points
+                                           for k, v in metrics.items()],
+                          tags=[RunTag(k, v) for k, v in tags.items()])
 
 
 def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
@@ -198,23 +200,28 @@ def log_file(uri: str, run_id: str, path: str, folder: str | None = None) -> Non
 
 def replay_pool(pool, uri: str, sweep: str | None = None, parent: str | None = None) -> tuple[int, int]:
     """Log into MLflow the pool's trials and soups (of one sweep, or all) that MLflow lacks:
-    those whose trial could not reach the server (down, or on a node it is not reachable
-    from). Idempotent: a row whose ingredient id already tags a run is skipped. Replayed runs
-    nest under `parent`, else under a new `<sweep>-replayed` run. Returns (added, present)."""
+    those the driver could not log (the server was down). Idempotent: a row whose ingredient
+    id already tags a run is skipped. A trial's run cut short by the outage is completed (the
+    epochs it lacks, its tags, its end); other replayed runs nest under `parent`, else under a
+    new `<sweep>-replayed` run. Returns (added, present)."""
     df = pool.manifest()
     df = df[df["kind"].isin(["trial", "soup"]) & ((df["sweep"] == sweep) if sweep else True)]
-    added, present, parents, known = 0, 0, {}, {}
+    added, present, parents, known, partial = 0, 0, {}, {}, {}
     for row in df.to_dict("records"):
         exp = experiment_id(uri, row["sweep"] or "orchestrator")
         if exp not in known:  # one search per experiment, not one per row
-            known[exp] = {r.data.tags.get(INGREDIENT) for r in client(uri).search_runs([exp], max_results=50000)}
+            runs = client(uri).search_runs([exp], max_results=50000)
+            known[exp] = {r.data.tags.get(INGREDIENT) for r in runs}
+            partial[exp] = {r.data.tags[TRIAL_ID]: r for r in runs
+                            if TRIAL_ID in r.data.tags and INGREDIENT not in r.data.tags}
         if row["id"] in known[exp]:
             present += 1
             continue
-        if exp not in parents:
+        cut_short = partial[exp].get(row["id"])
+        if cut_short is None and exp not in parents:
             parents[exp] = parent or start_run(uri, exp, f"{row['sweep']}-replayed",
                                                run_tags("sweep", more={SWEEP: row["sweep"], POOL: pool.uri}))
-        _replay_row(uri, exp, parents[exp], row)
+        _replay_row(uri, exp, parents.get(exp, ""), row, cut_short)
         added += 1
     for run_id in parents.values():
         if run_id != parent:
@@ -222,14 +229,19 @@ def replay_pool(pool, uri: str, sweep: str | None = None, parent: str | None = N
     return added, present
 
 
-def _replay_row(uri: str, exp: str, parent: str, row: dict[str, Any]) -> None:
+def _replay_row(uri: str, exp: str, parent: str, row: dict[str, Any], cut_short=None) -> None:
     role = "trial" if row["kind"] == "trial" else "recipe"
     tags = {INGREDIENT: row["id"], SWEEP: row["sweep"], STATUS: row["status"], REPLAYED: "true"}
     if role == "recipe":
         tags[RECIPE] = row["hparams"].get("recipe", "")
-    run_id = start_run(uri, exp, f"{role}-{row['id']}", run_tags(role, parent, tags), row["hparams"])
-    for point in row["history"]:  # per-epoch metrics, as the trial would have logged them
-        log_metrics(uri, run_id, {k: v for k, v in point.items() if k != "epoch"}, step=int(point["epoch"]))
-    if not row["history"] and row["metrics"]:
-        log_metrics(uri, run_id, row["metrics"])
+    if cut_short is None:
+        run_id, logged = start_run(uri, exp, f"{role}-{row['id']}", run_tags(role, parent, tags), row["hparams"]), -1
+    else:
+        run_id, logged = cut_short.info.run_id, int(cut_short.data.tags.get(LAST_STEP, -1))
+        set_tags(uri, run_id, tags)
+    points = [({k: v for k, v in point.items() if k != "epoch"}, int(point["epoch"])) for point in row["history"]
+              if int(point["epoch"]) > logged]  # per-epoch metrics, as the trial would have logged them
+    if not row["history"] and row["metrics"] and cut_short is None:
+        points = [(row["metrics"], 0)]
+    log_points(uri, run_id, points, {})
     end_run(uri, run_id, "FINISHED" if row["status"] == "ok" else "FAILED")

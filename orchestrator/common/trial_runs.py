@@ -7,7 +7,8 @@ soon as the trial reports them. What the base callback does differently, and why
 - the run nests under the sweep's (or study's) parent run and carries our tags and the
   source, user and git commit tags MLflow's fluent API would add;
 - a trial continues its own run: after a crash in this process (Tune retries it), and after
-  `Tuner.restore` in a new driver, found by its trial-id tag, so no trial gets two runs;
+  `Tuner.restore` in a new driver, found by its trial-id tag, so no trial gets two runs; a
+  result at a step the run already has (reported again after the driver was killed) is skipped;
 - params are the trial's full hyperparameters (defaults filled in), not just the sampled ones;
 - each result's metrics go in one batch at the trial's own step (epoch, or optimizer step),
   plus any per-step points the trial batched into the result (`steps`);
@@ -67,7 +68,8 @@ class TrialRuns(MLflowLoggerCallback):
 
     def setup(self, *args, **kwargs) -> None:
         # not the base class's: it points the driver's fluent MLflow API at this store, process-wide
-        self._trial_runs = {}
+        self._trial_runs = {}  # trial -> its run id
+        self._logged = {}  # run id -> the last step logged, for a run continued after Tuner.restore
 
     def _guard(self, fn, *args) -> None:
         if self.broken:
@@ -85,11 +87,14 @@ class TrialRuns(MLflowLoggerCallback):
 
     def _start(self, trial) -> None:
         uri, exp = self.where.uri, self.where.experiment_id
-        run_id = tracking.find_run(uri, exp, tracking.TRIAL_ID, trial.trial_id)  # after Tuner.restore
-        if run_id is None:
+        run = tracking.find_run(uri, exp, tracking.TRIAL_ID, trial.trial_id, full=True)  # after Tuner.restore
+        if run is None:
             run_id = tracking.start_run(uri, exp, self.name_of(trial.trial_id, trial.config),
                                         {**self.tags, tracking.TRIAL_ID: trial.trial_id},
                                         self.params_of(trial.config))
+        else:  # a restored trial reports again what the killed driver may already have logged
+            run_id = run.info.run_id
+            self._logged[run_id] = int(run.data.tags.get(tracking.LAST_STEP, -1))
         self._trial_runs[trial] = run_id
 
     def log_trial_result(self, iteration: int, trial, result: dict) -> None:
@@ -101,9 +106,11 @@ class TrialRuns(MLflowLoggerCallback):
             tracking.client(self.where.uri).delete_run(self._trial_runs.pop(trial))
             return
         run_id = self._trial_runs[trial]
-        step = next((result[k] for k in STEP_KEYS if k in result), result.get(TRAINING_ITERATION, 0))
-        points = [(numeric(result), int(step))] + [(numeric(p), int(p["step"])) for p in result.get(PER_STEP) or []]
-        tracking.log_points(self.where.uri, run_id, points)  # one request per result
+        step = int(next((result[k] for k in STEP_KEYS if k in result), result.get(TRAINING_ITERATION, 0)))
+        if step <= self._logged.get(run_id, -1):  # logged before the driver was killed
+            return
+        points = [(numeric(result), step)] + [(numeric(p), int(p["step"])) for p in result.get(PER_STEP) or []]
+        tracking.log_points(self.where.uri, run_id, points, {tracking.LAST_STEP: str(step)})  # one request
 
     def log_trial_end(self, trial, failed: bool = False) -> None:
         if trial in self._trial_runs:

@@ -132,10 +132,7 @@ class TuneRun:
         tuner = tune.Tuner.restore(path, self._trainable(), resume_errored=True, storage_filesystem=fs)
         # Tune restores the callbacks pickled by the first driver, whose MLflow parent run was
         # another; this driver's own go in their place (no public API for that in Ray 2.60)
-        inner = tuner._local_tuner
-        config = inner.get_run_config()
-        config.callbacks = self._callbacks()
-        inner.set_run_config(config)
+        tuner._local_tuner.get_run_config().callbacks = self._callbacks()
         return self._run(tuner)
 
     def _callbacks(self) -> list:

@@ -6,7 +6,8 @@ since the last record), max attention logit per layer on a fixed probe batch, me
 log Z of the output logits on that batch, the global gradient norm before clipping,
 and for the token embedding ("embed") and block 0's first MLP layer ("mlp0") the
 gradient RMS (after clipping: what AdamW sees), the update RMS and the StableAdamW
-RMS_t = sqrt(mean(g^2 / max(u, eps^2))), u the bias-corrected second moment.
+RMS_t = sqrt(mean(g^2 / max(u, eps^2))), u the bias-corrected second moment
+(common/instability.py).
 
 A run whose loss turns NaN/inf, or whose logged training loss is above
 diverge_factor * loss_0 after warmup, stops and is recorded as diverged.
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from orchestrator.common.instability import optimizer_rms_t
 from orchestrator.proxy.data import ByteCorpus
 from orchestrator.proxy.model import ModelConfig, ProxyLM, lm_loss, lr_schedule, param_groups
 
@@ -122,10 +124,8 @@ class ProxyRun:
         if log:
             for k, n in WATCHED.items():
                 p = self.params[n]
-                state = self.opt.state[p]
-                u = state["exp_avg_sq"] / (1 - s["beta2"] ** state["step"].item())
                 record[f"update_rms_{k}"] = rms(p.detach() - before[k])
-                record[f"rms_t_{k}"] = (p.grad.square() / u.clamp_min(s["eps"] ** 2)).mean().sqrt().item()
+                record[f"rms_t_{k}"] = optimizer_rms_t(self.opt, p).item()
             record.update(self.probe_diagnostics())
         self.step += 1
         if not is_record:

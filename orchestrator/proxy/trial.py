@@ -45,7 +45,7 @@ def run_proxy_trial(hp: dict[str, Any], ctx: ProxyContext, data: ByteCorpus) -> 
     trial = Trial(ctx, tune.get_context().get_trial_id(), Reporter(tune))
     done = trial.published()
     if done:  # nothing to redo: report what it got
-        tune.report({**done["metrics"], "ingredient_id": trial.id})
+        tune.report({**done["metrics"], "step": int(done["metrics"].get("steps_done", 0)), "ingredient_id": trial.id})
         return
     earlier = ctx.done.get(grid_point(ctx.study_keys[hp["intervention"]], hp))
     if earlier:  # an earlier launch of the study ran this grid point: keep its result

@@ -13,7 +13,7 @@ from orchestrator.common.config import check, check_hparam, check_name, is_numbe
 from orchestrator.common.errors import ConfigError
 from orchestrator.soup.recipes import RECIPES, all_params, default_recipes
 from orchestrator.soup.tasks import TASKS
-from orchestrator.soup.train import HPARAMS, PRECISIONS
+from orchestrator.soup.train import HPARAMS, PRECISIONS, hparam_problem
 
 DEFAULT_CONFIG = "glyphs_soup.yaml"  # in orchestrator/configs/
 
@@ -73,6 +73,10 @@ def validate(raw: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
           f"must name another sweep than this one ({cfg['sweep']!r})")
     for name, spec in cfg["hyperparameters"].items():
         check_hparam(name, spec, HPARAMS, source)
+        # a constant, each choice/grid value, or a range's bounds: rules beyond the type (train.py)
+        for value in (next(iter(spec.values())) if isinstance(spec, dict) else [spec]):
+            problem = hparam_problem(name, value)
+            check(problem is None, source, f"hyperparameters.{name}", problem or "")
     mixup = cfg["hyperparameters"].get("mixup", 0)
     check(TASKS[cfg["task"]["name"]].supports_mixup or mixup == 0, source, "hyperparameters.mixup",
           f"task {cfg['task']['name']} has discrete inputs, so mixup must be 0 (got {mixup!r})")

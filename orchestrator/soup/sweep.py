@@ -204,13 +204,18 @@ class SoupSweep:
         """This sweep's finished trials in the pool, by definition (start point, data, hyperparameters)."""
         from orchestrator.soup.trial import trial_definition
 
+        return {trial_definition(self.pretrained["id"], self.data_key, r["hparams"]): r["id"]
+                for r in self.trial_rows(("ok",))}
+
+    def trial_rows(self, statuses: tuple[str, ...]) -> list[dict]:
+        """This sweep's trials in the pool, from this start point on this training data."""
         df = self.pool.manifest()
         if df.empty:
-            return {}
+            return []
         start, key = self.pretrained["id"], self.data_key
-        mine = df[(df["kind"] == "trial") & (df["status"] == "ok") & (df["sweep"] == self.cfg["sweep"])]
-        return {trial_definition(start, key, r["hparams"]): r["id"] for r in mine.to_dict("records")
-                if len(r["parents"]) and r["parents"][0] == start and r.get("data_key") == key}
+        mine = df[(df["kind"] == "trial") & df["status"].isin(statuses) & (df["sweep"] == self.cfg["sweep"])]
+        return [r for r in mine.to_dict("records")
+                if len(r["parents"]) and r["parents"][0] == start and r.get("data_key") == key]
 
     def make_kitchen(self) -> Kitchen:
         self.kitchen = Kitchen(self.pool, self.task, self.data, sweep=self.cfg["sweep"], settings=self.kitchen_settings(),
@@ -303,7 +308,8 @@ class SoupSweep:
         print(table)
         if self.data_map:
             print("\n" + self.map_summary)
-        print(f"\n{len(kitchen.ingredients)} usable ingredients; finished in {time.time() - self.t0:.0f} s")
+        print(f"\n{spike_summary(self.trial_rows(('ok', 'diverged')))}")
+        print(f"{len(kitchen.ingredients)} usable ingredients; finished in {time.time() - self.t0:.0f} s")
         print(f"pool:   {self.pool.uri}  (python -m orchestrator.pool show --pool {self.pool.uri})")
         print(f"MLflow: {uri}, experiment {self.cfg['sweep']!r}, parent run {parent}")
         print(f"        browse with: mlflow ui --backend-store-uri {uri}")
@@ -387,8 +393,21 @@ def describe_trial(config: dict, result: dict) -> str:
         outcome = f"val {result['val_acc']:.4f}  ID {result.get('id_acc', float('nan')):.4f}"
     else:
         outcome = "no result"
+    spikes = int(result.get("update_spikes", 0))
     return (f"lr {config.get('lr', float('nan')):.2e} epochs {config.get('epochs', '?')} "
-            f"{result.get('examples_per_second', 0):.0f} ex/s: {outcome}")
+            f"{result.get('examples_per_second', 0):.0f} ex/s: {outcome}"
+            + (f"  {spikes} update spike{'s' if spikes != 1 else ''}" if spikes else ""))
+
+
+def spike_summary(trials: list[dict]) -> str:
+    """One line on the trials' update spikes (first-layer RMS_t jumps: README "Instability signals")."""
+    counts = {r["id"]: int(r["metrics"]["update_spikes"]) for r in trials if "update_spikes" in r["metrics"]}
+    if not counts:
+        return "update spikes: not recorded (trials of an older version)"
+    hit = {i: n for i, n in counts.items() if n}
+    worst = max(hit, key=hit.get) if hit else None
+    return (f"update spikes: {sum(counts.values())} in {len(hit)} of {len(counts)} trials"
+            + (f" (most: {hit[worst]}, trial {worst})" if hit else ""))
 
 
 def main(argv=None) -> int:

@@ -1,15 +1,26 @@
 """The fine-tuning loop of one trial, with no Ray or MLflow in it.
 
 AdamW, linear warmup then cosine decay, label smoothing, mixup and the task's
-augmentation, gradient clipping at 1.0 (the model soups recipe). Randomness is
-derived from (seed, epoch), so a trial resumed at an epoch boundary replays the
-same batches it would have seen.
+augmentation, gradient clipping at 1.0 (the model soups recipe); or StableAdamW
+(torch-optimi), which damps each tensor's update by max(1, RMS_t) in place of clipping.
+Randomness is derived from (seed, epoch), so a trial resumed at an epoch boundary
+replays the same batches it would have seen.
+
+Instability signals (Wortsman et al., 2023; the math in common/instability.py): every
+`log_every` steps the loop records the first layer's RMS_t, the largest RMS_t of any
+tensor, the gradient norm before clipping and the loss z-score (`signals`, per epoch), and
+counts update spikes: the first layer's RMS_t above `spike_threshold` x the median of its
+last 20 records, and above 1 (`spikes`, over the whole trial). A step whose gradient norm
+jumps above GRAD_JUMP x the median of the last 50 steps' is checked too (and recorded if it
+is a spike), so a spike between two records is not missed. The per-step cost is one read of
+the gradient norm that clipping computes anyway.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -20,6 +31,8 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, default_collate
 
+from orchestrator.common.errors import UserError
+from orchestrator.common.instability import LossZ, SpikeDetector, tensor_rms_t
 from orchestrator.soup.dynamics.record import Recorder
 from orchestrator.soup.tasks.base import Examples, StateDict, Task, TaskData, example_ids, to_device
 
@@ -35,11 +48,52 @@ HPARAMS: dict[str, Any] = {
     "mixup": 0.0,  # Beta(alpha, alpha) mixing; 0 = off
     "warmup_frac": 0.1,
     "seed": 0,
+    "optimizer": "adamw",  # or "stableadamw" (torch-optimi: pip install 'orchestrator[stable]')
+    "log_every": 10,  # steps between instability-signal records
+    "spike_threshold": 3.0,  # update spike: first-layer RMS_t above this x its rolling median (and > 1)
 }
+OPTIMIZERS = ("adamw", "stableadamw")
+STABLE_INSTALL = "pip install 'orchestrator[stable]'"  # the extra that brings torch-optimi
+GRAD_JUMP = 2.0  # a step whose gradient norm is above this x its rolling median gets its RMS_t checked
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
 BN_BATCH_SIZE = 64  # examples per batch when BatchNorm statistics of a soup are re-estimated
+
+
+def hparam_problem(name: str, value: Any) -> str | None:
+    """What is wrong with a hyperparameter's value beyond its type, or None. For `optimizer`,
+    `log_every` and `spike_threshold` (the others have no rule here)."""
+    if name == "optimizer":
+        if value not in OPTIMIZERS:
+            return f"must be one of {', '.join(OPTIMIZERS)}, got {value!r}"
+        if value == "stableadamw" and _optimi() is None:
+            return f"stableadamw needs torch-optimi, which is not installed: {STABLE_INSTALL}"
+    elif name == "log_every":
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            return f"must be an integer >= 1 (steps), got {value!r}"
+    elif name == "spike_threshold":
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 1 < value < math.inf:
+            return f"must be a number > 1 (x the rolling median of RMS_t), got {value!r}"
+    return None
+
+
+def _optimi():
+    try:
+        import optimi
+    except ImportError:
+        return None
+    return optimi
+
+
+def make_optimizer(model: torch.nn.Module, hp: dict[str, Any]) -> torch.optim.Optimizer:
+    """AdamW, or StableAdamW with AdamW's betas (0.9, 0.999) and eps (1e-8), so the update
+    clipping is the only difference. foreach=False: optimi's foreach path reuses the gradients
+    as scratch space, and RMS_t is read from them after the step."""
+    if hp["optimizer"] == "stableadamw":
+        return _optimi().StableAdamW(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"],
+                                     betas=(0.9, 0.999), eps=1e-8, foreach=False)
+    return torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
 
 
 def device() -> torch.device:
@@ -180,10 +234,23 @@ class FineTune:
 
     def __post_init__(self):
         self.hp = {**HPARAMS, **self.hp}
+        for name in ("optimizer", "log_every", "spike_threshold"):
+            problem = hparam_problem(name, self.hp[name])
+            if problem:
+                raise UserError(f"hyperparameters.{name}: {problem}")
         torch.manual_seed(self.hp["seed"])
         self.model = load_into(self.task.build_model().to(device()), self.init)
         self.forward = self.wrap(self.model) if self.wrap else self.model
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.hp["lr"], weight_decay=self.hp["weight_decay"])
+        self.opt = make_optimizer(self.model, self.hp)
+        # instability signals: this epoch's records, the trial's spike count, and the detectors
+        self.signals: list[dict[str, float]] = []
+        self.spikes = 0
+        self._rms_spikes = SpikeDetector(self.hp["spike_threshold"], window=20, min_history=3, floor=1.0)
+        self._grad_jumps = SpikeDetector(GRAD_JUMP, window=50, min_history=10, floor=0.0)
+        self._loss_z = LossZ()
+        self._named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.first_layer = ""  # its parameter's name, found by the first forward pass (_watch_first_layer)
+        self._watch_first_layer()
         self.steps_per_epoch = math.ceil(len(self.data.train) / self.hp["batch_size"])
         self.total_steps = self.hp["epochs"] * self.steps_per_epoch
         self.dynamics = Recorder() if self.record_dynamics else None
@@ -212,6 +279,7 @@ class FineTune:
         # every worker needs a share of every batch: a last batch smaller than the world is dropped
         batches = [b[self.rank::self.world] for b in order.split(hp["batch_size"]) if len(b) >= self.world]
         self.forward.train()
+        self.signals = []
         total, count = 0.0, 0
         workers_seed = torch.Generator().manual_seed(seed + 1)  # its own: a draw from `gen` would shift augmentation
         for i, (batch, (x, y)) in enumerate(zip(batches, loader(train, batches, self.task.num_workers, workers_seed))):
@@ -237,13 +305,66 @@ class FineTune:
                 return float("nan")
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            grad_norm = self._grad_norm()
             self.opt.step()
-            total, count = total + loss.item() * len(y), count + len(y)
+            value = loss.item()
+            total, count = total + value * len(y), count + len(y)
+            self._signals(self.epoch * self.steps_per_epoch + i, value, grad_norm)
         if self.dynamics:
             self.dynamics.end_epoch(self.epoch, self.world)
         self.epoch += 1
         return total / count
+
+    def _grad_norm(self) -> torch.Tensor:
+        """The gradient norm before clipping; AdamW's gradients are clipped at 1.0, StableAdamW's
+        are not (its update clipping replaces it)."""
+        if self.hp["optimizer"] == "stableadamw":
+            return torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+
+    def _signals(self, step: int, loss: float, grad_norm: torch.Tensor) -> None:
+        """After the optimizer step (the gradients and the new second moments are still there):
+        the loss z-score and the gradient-norm watch every step; RMS_t of every tensor every
+        `log_every` steps and on a gradient-norm jump. Every worker of a data-parallel trial
+        sees the same gradients and optimizer state, so they count the same spikes; `loss_z`
+        is each worker's own loss (its share of the batch)."""
+        norm = grad_norm.item()
+        loss_z = self._loss_z.update(loss)
+        jump = self._grad_jumps.update(norm)
+        scheduled = step % self.hp["log_every"] == 0
+        if not (scheduled or jump):
+            return
+        rms = tensor_rms_t(self.opt, self._named)
+        if not rms:
+            return
+        if not self.first_layer:  # no forward hook fired: the first >= 2-D tensor in parameter order
+            self.first_layer = next((n for n, p in self._named if p.ndim >= 2), self._named[0][0])
+        first = rms.get(self.first_layer, float("nan"))  # NaN: it had no gradient this step
+        spike = self._rms_spikes.update(first) if scheduled else self._rms_spikes.check(first)
+        self.spikes += int(spike)
+        if scheduled or spike:
+            self.signals.append({"step": step, "rms_t_first": first, "rms_t_max": max(rms.values()),
+                                 "grad_norm": norm, "loss_z": loss_z, "spike": float(spike)})
+
+    def _watch_first_layer(self) -> None:
+        """The first layer: the first module holding a >= 2-D parameter whose forward pass
+        finishes first (the patch or token embedding, a CNN's first convolution). Not
+        `model.parameters()` order, which starts with a ViT's class token, nor the first forward
+        to start, which is the whole model's. Forward hooks note it once, then go."""
+        hooks = []
+
+        def noted(name: str):
+            def hook(module, args, output):
+                if not self.first_layer:
+                    self.first_layer = name
+                for h in hooks:
+                    h.remove()
+            return hook
+
+        for prefix, module in self.model.named_modules():
+            own = [n for n, p in module.named_parameters(recurse=False) if p.ndim >= 2 and p.requires_grad]
+            if own:
+                hooks.append(module.register_forward_hook(noted(f"{prefix}.{own[0]}" if prefix else own[0])))
 
     @torch.no_grad()
     def _unmixed_logits(self, x) -> torch.Tensor:
@@ -266,6 +387,8 @@ class FineTune:
     def state(self) -> dict[str, Any]:
         """Optimizer state and progress; plain tensors and numbers, loadable with weights_only=True."""
         return {"optimizer": self.opt.state_dict(), "epoch": self.epoch, "history": self.history,
+                "instability": {"spikes": self.spikes, "rms_t_first": self._rms_spikes.state(),
+                                "grad_norm": self._grad_jumps.state(), "loss_z": self._loss_z.state()},
                 **({"dynamics": self.dynamics.state()} if self.dynamics else {})}
 
     def restore(self, weights: StateDict, state: dict[str, Any]) -> None:
@@ -273,5 +396,11 @@ class FineTune:
         self.opt.load_state_dict(state["optimizer"])
         self.epoch = int(state["epoch"])
         self.history = list(state.get("history", []))
+        if "instability" in state:  # a checkpoint of an older version has none
+            signals = state["instability"]
+            self.spikes = int(signals["spikes"])
+            self._rms_spikes.restore(signals["rms_t_first"])
+            self._grad_jumps.restore(signals["grad_norm"])
+            self._loss_z.restore(signals["loss_z"])
         if self.dynamics and "dynamics" in state:  # a checkpoint of an older version has none
             self.dynamics.restore(state["dynamics"], self.epoch)

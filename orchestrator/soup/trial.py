@@ -39,10 +39,18 @@ class SweepContext(TrialContext):
     record_dynamics: bool = True  # per-example training dynamics into the pool (data maps, FTFT)
 
 
+# Settings that change what a trial logs, not the weights it trains
+NOT_DEFINING = ("log_every", "spike_threshold")
+
+
 def trial_definition(start_point: str, data_key: str, hp: dict[str, Any]) -> str:
     """What defines a trial's result: its start point, its data and held-out split, and every
-    hyperparameter (defaults filled in, seed included). Equal definitions train equal weights."""
-    full = {k: v.item() if hasattr(v, "item") else v for k, v in {**HPARAMS, **hp}.items()}  # numpy -> Python
+    hyperparameter that changes the weights (defaults filled in, seed included). Equal definitions
+    train equal weights."""
+    full = {k: v.item() if hasattr(v, "item") else v for k, v in {**HPARAMS, **hp}.items()  # numpy -> Python
+            if k not in NOT_DEFINING}
+    if full["optimizer"] == "adamw":  # the one optimizer before it was a setting: older pools' trials match
+        del full["optimizer"]
     return digest(start_point, data_key, full)
 
 
@@ -53,7 +61,8 @@ def run_trial(hp: dict[str, Any], ctx: SweepContext, data: TaskData) -> None:
     trial = Trial(ctx, trial_id, Reporter(tune))
     done = trial.published()
     if done:  # nothing to redo: report what it got
-        tune.report({"val_acc": 0.0, **done["metrics"], "ingredient_id": trial_id})
+        last = done["history"][-1]["epoch"] if len(done["history"]) else 0
+        tune.report({"val_acc": 0.0, **done["metrics"], "epoch": last, "ingredient_id": trial_id})
         return
     same = ctx.reusable.get(trial_definition(ctx.pretrained_id, ctx.data_key, hp))
     if same:  # the pool holds this very trial from an earlier run of the sweep: use that one
@@ -123,18 +132,20 @@ def fine_tune(hp: dict[str, Any], ctx: SweepContext, data: TaskData, trial: Tria
         loss = run.run_epoch()
         seconds = time.time() - t0
         if not math.isfinite(loss):
-            metrics = {"train_loss": loss, "diverged": 1.0}
+            metrics = {"train_loss": loss, "diverged": 1.0, "update_spikes": float(run.spikes)}
             trial.publish(row("diverged", metrics, arch_fingerprint(pretrained)))
-            trial.report({**metrics, "epoch": run.epoch + 1, "val_acc": 0.0, "ingredient_id": trial.id})
+            trial.report({**metrics, "epoch": run.epoch + 1, "val_acc": 0.0, "ingredient_id": trial.id,
+                          "steps": run.signals})
             return
         metrics = {"train_loss": loss, "epoch_seconds": seconds,
-                   "examples_per_second": len(data.train) / seconds}
+                   "examples_per_second": len(data.train) / seconds, "update_spikes": float(run.spikes)}
         if not trial.lead:
             trial.report({**metrics, "epoch": run.epoch})
             continue
         metrics.update(evaluate(task, run.model, data, precision=ctx.precision))
         run.history.append({"epoch": run.epoch, **metrics})
-        report = {**metrics, "epoch": run.epoch, "diverged": 0.0}
+        # the epoch's instability signals ride along, one MLflow point per recorded optimizer step
+        report = {**metrics, "epoch": run.epoch, "diverged": 0.0, "steps": run.signals}
         if run.done:  # final epoch: publish to the pool before the last report
             # before the trial's row: a finished trial has its Fisher and its dynamics
             if ctx.fisher_examples:

@@ -8,7 +8,6 @@ itself can be killed.
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from orchestrator.common.pool import Pool
-from tests.helpers import finish, kill_group, start, sweep_cmd, trial_rows
+from tests.helpers import finish, free_port, kill_group, mlflow_server, start, sweep_cmd, trial_rows
 
 pytestmark = pytest.mark.slow
 SLOWER = ["hyperparameters.batch_size=8"]  # 4x the steps: a fault lands before the sweep is over
@@ -91,7 +90,7 @@ def test_killed_driver_resumes_with_resume_flag(tmp_path):
     kept = after.set_index("id").loc[before["id"], "created"]
     assert list(kept) == list(before["created"])  # the finished rows are untouched
     epochs = epochs_logged(f"sqlite:///{tmp_path}/mlflow.db", "resume")
-    assert all(epochs[t] == [1, 2] for t in before["id"])  # not trained a second time
+    assert all(epochs[t] == [1, 2] for t in before["id"]), epochs  # not trained a second time
     assert len(os.listdir(tmp_path / "ray_results")) == 1  # the same Tune run, continued
 
 
@@ -103,25 +102,6 @@ def test_resume_without_an_earlier_run_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--resume: no run of sweep 'glyphs_soup' to restore" in err[0]
     assert os.listdir(tmp_path) == []
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def mlflow_server(root, port):
-    proc = start([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                  "--backend-store-uri", f"sqlite:///{root}/server.db", "--default-artifact-root",
-                  str(root / "artifacts"), "--workers", "1"], root, log="mlflow.log")
-    from orchestrator.common.tracking import unreachable
-
-    deadline = time.time() + 90
-    while unreachable(f"http://127.0.0.1:{port}", timeout=1):
-        assert proc.poll() is None and time.time() < deadline, (root / "mlflow.log").read_text()[-2000:]
-        time.sleep(0.5)
-    return proc
 
 
 def test_mlflow_down_mid_sweep_then_sync_mlflow_replays_the_pool(tmp_path):

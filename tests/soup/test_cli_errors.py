@@ -27,6 +27,9 @@ from orchestrator import soup_sweep
     (["data_selection.form_sweep=ref"], "data_selection.form_sweep: unknown key"),
     (["data_selection.from_sweep=ref"], "not a pool"),  # a selection reads an existing pool
     (["record_dynamics=maybe"], "record_dynamics"),
+    (["hyperparameters.optimizer=sgd"], "hyperparameters.optimizer: must be one of adamw, stableadamw, got 'sgd'"),
+    (["hyperparameters.log_every=0"], "hyperparameters.log_every: must be an integer >= 1"),
+    (["hyperparameters.spike_threshold={choice: [2.0, 0.5]}"], "hyperparameters.spike_threshold: must be a number > 1"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, args, expected):
     monkeypatch.chdir(tmp_path)

@@ -121,6 +121,10 @@ def test_mlflow_has_parent_nested_trials_and_recipes(swept):
         assert t.data.params["batch_size"] == "32" and t.data.params["warmup_frac"] == "0.1"  # defaults filled in
         history = client.get_metric_history(t.info.run_id, "val_acc")
         assert len(history) == int(t.data.params["epochs"])  # one point per epoch
+        # the instability signals: a point every log_every optimizer steps (epoch 0 starts at step 0)
+        steps = [m.step for m in client.get_metric_history(t.info.run_id, "rms_t_first")]
+        assert steps[:2] == [0, 10] and len(steps) == len(set(steps))
+        assert t.data.metrics["update_spikes"] >= 0
     recipes = by_role["recipe"]
     assert {r.data.tags["orchestrator.recipe"] for r in recipes} == set(default_recipes())
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in recipes)
