@@ -105,7 +105,7 @@ class TuneRun:
     trial_runs: Any = None  # trial_runs.TrialRuns: every trial's MLflow run, logged from the driver
     tune_loggers: bool = False  # Tune's own CSV/JSON/TensorBoard files for every trial under storage
 
-    def fit(self, param_space: dict[str, Any], tune_config, scheduler=None) -> Any:
+    def fit(self, param_space: dict[str, Any], tune_config) -> Any:
         from ray import tune
 
         fs, root = storage_fs(self.storage)
@@ -161,6 +161,42 @@ def tune_options(**options: Any):
     from ray import tune
 
     return tune.TuneConfig(reuse_actors=True, trial_dirname_creator=lambda t: t.trial_id, **options)
+
+
+def search_algorithm(name: str, seed: int, max_concurrent: int):
+    """Tune's searcher for `search.algorithm`: random and grid sampling (BasicVariantGenerator,
+    seeded), or Optuna's TPE / HyperOpt, seeded and capped at `max_concurrent` (0: no cap)."""
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    if name in ("random", "grid"):
+        # the cap goes on the generator: Tune ignores max_concurrent_trials with an explicit one
+        return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
+    if name == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        optuna.logging.disable_default_handler()  # its per-study lines go where the other libraries' go
+        optuna.logging.enable_propagation()
+
+        searcher = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed))
+    else:
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        searcher = HyperOptSearch(random_state_seed=seed)
+    return ConcurrencyLimiter(searcher, max_concurrent) if max_concurrent else searcher
+
+
+def scheduler(spec: dict[str, Any], time_attr: str, max_t: int):
+    """Tune's trial scheduler for `search.scheduler`: None (FIFO: every trial runs to its end) or
+    ASHA, which stops a trial at a rung (grace_period x reduction_factor^k of `time_attr`) unless
+    it is in the top 1/reduction_factor of the trials that reached that rung."""
+    if spec["scheduler"] == "fifo":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr=time_attr, max_t=max_t, grace_period=spec["grace_period"],
+                         reduction_factor=spec["reduction_factor"])
 
 
 def failed_trials(results) -> list[FailedTrial]:

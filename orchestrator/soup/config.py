@@ -6,6 +6,7 @@ which recipes run, and each recipe's params are keys beside it.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from orchestrator.common import config
@@ -27,6 +28,9 @@ BASE: dict[str, Any] = {
     "resources": {"cpu": 1.0, "gpu": 0.0, "workers": 1},  # per worker; workers > 1: data-parallel Ray Train
     "precision": "auto",  # auto: bf16 autocast on GPUs that support it, fp32 elsewhere; or fp32, bf16
     "hyperparameters": {},  # name -> constant or distribution; see config.DISTRIBUTIONS
+    # Tune's search algorithm (random, grid; optuna, hyperopt with their extras) and trial scheduler
+    # (fifo: every trial runs all its epochs; asha: stops the worse trials at rungs of epochs)
+    "search": {"algorithm": "random", "scheduler": "fifo", "grace_period": 1, "reduction_factor": 2},
     # cooking: each recipe a unit of Ray work on `workers` actors (0: in the driver process),
     # each asking for `resources`; `selection: held_out` measures candidates (WiSE-FT and
     # lambda grids) on the held-out split only and every eval set only for the final dishes
@@ -38,6 +42,8 @@ BASE: dict[str, Any] = {
     "data_selection": {"from_sweep": "", "region": "ambiguous", "fraction": 0.33, "seed": 0},
 }
 SELECTIONS = ("all", "held_out")
+ALGORITHMS = ("random", "grid", "optuna", "hyperopt")
+SCHEDULERS = ("fifo", "asha")
 FREE_FORM = ("task", "hyperparameters", "evals")  # mappings of user-chosen names
 
 
@@ -46,6 +52,7 @@ def defaults() -> dict[str, Any]:
     return {**BASE, "soup": {
         "recipes": default_recipes(),  # which recipes to cook (and what they need)
         "bn_batches": 8,  # training batches that re-estimate BatchNorm statistics of a soup
+        "stopped_ingredients": False,  # also cook from trials a scheduler (ASHA) stopped early
         **{name: p.default for name, p in all_params().items()},  # each recipe's params
     }}
 
@@ -66,6 +73,7 @@ def validate(raw: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
           f"must be one of {', '.join(PRECISIONS)}, got {cfg['precision']!r}")
     _check_soup(cfg["soup"], source)
     _check_cook(cfg["cook"], source)
+    _check_search(cfg, source)
     check(isinstance(cfg["record_dynamics"], bool), source, "record_dynamics",
           f"must be true or false, got {cfg['record_dynamics']!r}")
     _check_selection(cfg["data_selection"], source)
@@ -81,6 +89,30 @@ def validate(raw: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
     check(TASKS[cfg["task"]["name"]].supports_mixup or mixup == 0, source, "hyperparameters.mixup",
           f"task {cfg['task']['name']} has discrete inputs, so mixup must be 0 (got {mixup!r})")
     return cfg
+
+
+def _check_search(cfg: dict[str, Any], source: str) -> None:
+    search = cfg["search"]
+    check(search["algorithm"] in ALGORITHMS, source, "search.algorithm",
+          f"must be one of {', '.join(ALGORITHMS)}, got {search['algorithm']!r}")
+    check(search["scheduler"] in SCHEDULERS, source, "search.scheduler",
+          f"must be one of {', '.join(SCHEDULERS)}, got {search['scheduler']!r}")
+    check(search["grace_period"] >= 1, source, "search.grace_period",
+          f"must be >= 1 (epochs), got {search['grace_period']}")
+    check(search["reduction_factor"] >= 2, source, "search.reduction_factor",
+          f"must be >= 2, got {search['reduction_factor']}")
+    extra = {"optuna": "optuna", "hyperopt": "hyperopt"}.get(search["algorithm"])
+    check(not extra or importlib.util.find_spec(extra) is not None, source, "search.algorithm",
+          f"{search['algorithm']} needs the {extra} package: pip install 'orchestrator[{extra}]'")
+    kinds = {name: next(iter(spec)) for name, spec in cfg["hyperparameters"].items() if isinstance(spec, dict)}
+    if search["algorithm"] == "grid":
+        sampled = [name for name, kind in kinds.items() if kind != "grid"]
+        check(not sampled, source, "search.algorithm",
+              f"grid needs every hyperparameter a constant or a grid, not {', '.join(sampled)}")
+    elif search["algorithm"] != "random":
+        grids = [name for name, kind in kinds.items() if kind == "grid"]
+        check(not grids, source, "search.algorithm",
+              f"{search['algorithm']} samples its own points: hyperparameters {', '.join(grids)} need choice, not grid")
 
 
 def _check_task(cfg: dict[str, Any], source: str) -> None:

@@ -62,7 +62,8 @@ class Kitchen:
 
     def __init__(self, pool: Pool, task: Task, data: TaskData, sweep: str | None, settings: dict[str, Any],
                  keys: tuple[str, str] | None = None):
-        """`settings`: the config's `precision`, `soup.bn_batches` and (optional) `cook.selection`.
+        """`settings`: the config's `precision`, `soup.bn_batches` and (optional) `cook.selection`
+        and `stopped` (soup.stopped_ingredients).
         `keys`: the task's (pretrained_id, data_key) as the driver computed them; a cooking
         worker passes them, as it may run where the task's files are not."""
         self.pool, self.task, self.data = pool, task, data
@@ -83,19 +84,27 @@ class Kitchen:
         trials = df[(df["kind"] == "trial") & (df["task"] == task.name)]
         if sweep is not None:
             trials = trials[trials["sweep"] == sweep]
-        usable, seen = [], {}
+        # trials a scheduler stopped early trained fewer epochs than asked: weaker, and picked for
+        # being behind at a rung, so they are left out unless the config says otherwise
+        statuses = ("ok", "stopped") if settings.get("stopped") else ("ok",)
+        usable, seen, stopped = [], {}, 0
         for row in self.compatible(trials.to_dict("records")):
             if row["sha256"] and row["sha256"] in seen:  # e.g. the same sweep run twice: same seeds, same weights
                 log.warning("skipping ingredient %s: same weights as %s", row["id"], seen[row["sha256"]])
                 continue
             seen.setdefault(row["sha256"], row["id"])
-            if row["status"] != "ok":
+            if row["status"] == "stopped" and "stopped" not in statuses:
+                stopped += 1
+            elif row["status"] not in statuses:
                 log.warning("skipping ingredient %s: status %s", row["id"], row["status"])
             elif row["arch"] != self.arch:
                 log.warning("skipping ingredient %s: architecture %s differs from the pretrained %s",
                             row["id"], row["arch"], self.arch)
             else:
                 usable.append(row)
+        if stopped:
+            print(f"leaving out {stopped} trial(s) stopped early by the scheduler (soup.stopped_ingredients: true "
+                  "cooks from them too)")
         self.ingredients = sorted(usable, key=lambda r: (-r["metrics"]["val_acc"], r["id"]))
         # each trial's diagonal Fisher (soup/fisher.py), by trial id: a row whose parent is the trial
         fishers = df[(df["kind"] == "fisher") & (df["status"] == "ok")].to_dict("records")

@@ -39,7 +39,7 @@ from orchestrator.soup.publish import Publisher, parent_metrics
 from orchestrator.soup.recipes import RECIPES, cook, default_recipes, ordered, unavailable
 from orchestrator.soup.tasks.base import View, original
 from orchestrator.soup.summary import interval_metrics, summary_table
-from orchestrator.soup.train import metric_sets
+from orchestrator.soup.train import HPARAMS, metric_sets
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -150,11 +150,8 @@ class SoupSweep:
         """Fan the trials out with Ray Tune; each one publishes itself to the pool, and the
         driver logs what it reports to MLflow as it goes."""
         from ray import tune as ray_tune
-        from ray.tune.search.basic_variant import BasicVariantGenerator
-
         from orchestrator.common.trial_runs import TrialRuns
-        from orchestrator.soup.train import HPARAMS
-        from orchestrator.soup.trial import SweepContext, run_trial
+        from orchestrator.soup.trial import SweepContext, publish_stopped, run_trial, stopped_early
 
         cfg, args = self.cfg, self.args
         size = tune.connect(args.address, args.verbose)
@@ -182,11 +179,18 @@ class SoupSweep:
         if self.resume_path:
             self.results = run.restore(self.resume_path)
         else:
+            search = cfg["search"]
             self.results = run.fit(search_space(cfg["hyperparameters"]), tune.tune_options(
                 metric="val_acc", mode="max", num_samples=cfg["num_samples"],
-                # the cap goes on the generator: Tune ignores max_concurrent_trials with an explicit one
-                search_alg=BasicVariantGenerator(random_state=cfg["search_seed"],
-                                                 max_concurrent=cfg["max_concurrent_trials"])))
+                search_alg=tune.search_algorithm(search["algorithm"], cfg["search_seed"],
+                                                 cfg["max_concurrent_trials"]),
+                scheduler=tune.scheduler(search, "epoch", most_epochs(cfg["hyperparameters"]))))
+        stopped = [r for r in self.results if stopped_early(r)]
+        for result in stopped:  # the scheduler stopped them mid-loop, before they wrote their row
+            publish_stopped(result, ctx)
+        if stopped:
+            print(f"{cfg['search']['scheduler'].upper()} stopped {len(stopped)} of {len(self.results)} trials early "
+                  f"(in the pool with status stopped; soup ingredients only with soup.stopped_ingredients: true)")
         reused = sum(1 for r in self.results if (r.metrics or {}).get("reused"))
         if reused:
             print(f"reused {reused} of {len(self.results)} trials from the pool (an earlier run of this sweep "
@@ -280,7 +284,7 @@ class SoupSweep:
 
     def kitchen_settings(self) -> dict:
         return {"precision": self.cfg["precision"], "bn_batches": self.cfg["soup"]["bn_batches"],
-                "selection": self.cfg["cook"]["selection"]}
+                "selection": self.cfg["cook"]["selection"], "stopped": self.cfg["soup"]["stopped_ingredients"]}
 
     def publish(self) -> None:
         Publisher(self.pool, self.uri, self.experiment, self.parent).serve(self.dishes, self.cfg["sweep"], self.task)
@@ -383,6 +387,14 @@ def select_training(cfg: dict, task, data, pool: Pool) -> tuple:
     return all_train, digest(key, {"train_ids": ids.tolist()}), {**made, "examples": len(ids), "ids": ids.tolist()}
 
 
+def most_epochs(hyperparameters: dict) -> int:
+    """The most epochs a trial of this search space trains: ASHA's last rung."""
+    spec = hyperparameters.get("epochs", HPARAMS["epochs"])
+    if not isinstance(spec, dict):
+        return int(spec)
+    return int(max(next(iter(spec.values()))))
+
+
 def describe_trial(config: dict, result: dict) -> str:
     """The progress line of a finished trial."""
     if result.get("reused"):
@@ -391,6 +403,8 @@ def describe_trial(config: dict, result: dict) -> str:
         outcome = "DIVERGED"
     elif "val_acc" in result:
         outcome = f"val {result['val_acc']:.4f}  ID {result.get('id_acc', float('nan')):.4f}"
+        if "ingredient_id" not in result:
+            outcome += f", stopped early after epoch {result.get('epoch', '?')}"
     else:
         outcome = "no result"
     spikes = int(result.get("update_spikes", 0))

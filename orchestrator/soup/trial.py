@@ -5,14 +5,16 @@ final weights to the pool (the shared steps are common/trial.py's)."""
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import torch
+from safetensors.torch import load_file
 
-from orchestrator.common.pool import Row
+from orchestrator.common.pool import Pool, Row
 from orchestrator.common.trial import Reporter, Trial, TrialContext, maybe_crash
 from orchestrator.common.tune import storage_fs
 from orchestrator.common.weights import arch_fingerprint, digest
@@ -181,3 +183,25 @@ def store_dynamics(task, run: FineTune, data: TaskData, ctx: SweepContext, trial
                        hparams={"examples": len(data.train), "epochs": run.epoch, "mixup": run.hp["mixup"]},
                        metrics={"mean_p_gold": float(frame["p_gold"].mean())}, parents=[trial.id],
                        data_key=ctx.data_key), table=pa.Table.from_pandas(frame, preserve_index=False))
+
+
+def stopped_early(result) -> bool:
+    """A trial the scheduler (ASHA) stopped before its last epoch: no error, and it never
+    reported the ingredient id a finished trial reports with its last epoch."""
+    return result.error is None and "ingredient_id" not in (result.metrics or {}) and result.checkpoint is not None
+
+
+def publish_stopped(result, ctx: SweepContext) -> None:
+    """A stopped trial into the pool from its last epoch checkpoint (the trial itself was stopped
+    mid-loop and wrote nothing): status `stopped`, the metrics it reported at the stop."""
+    from orchestrator.common.trial_runs import numeric  # (imports Ray Tune)
+
+    with result.checkpoint.as_directory() as d:
+        weights = load_file(os.path.join(d, "model.safetensors"))
+        state = torch.load(os.path.join(d, "train_state.pt"), weights_only=True)
+    trial_id = os.path.basename(result.path.rstrip("/"))
+    metrics = {k: v for k, v in numeric(result.metrics).items() if k != "diverged"}
+    Pool(ctx.pool_uri).add(Row(id=trial_id, kind="trial", sweep=ctx.sweep, task=ctx.task_name, status="stopped",
+                               hparams={**HPARAMS, **result.config}, metrics=metrics, history=state["history"],
+                               parents=[ctx.pretrained_id], data_key=ctx.data_key, arch=arch_fingerprint(weights)),
+                           weights)

@@ -27,6 +27,11 @@ from orchestrator import soup_sweep
     (["data_selection.form_sweep=ref"], "data_selection.form_sweep: unknown key"),
     (["data_selection.from_sweep=ref"], "not a pool"),  # a selection reads an existing pool
     (["record_dynamics=maybe"], "record_dynamics"),
+    (["search.algorithm=bayes"], "search.algorithm: must be one of random, grid, optuna, hyperopt"),
+    (["search.algorithm=grid"], "search.algorithm: grid needs every hyperparameter a constant or a grid, not lr"),
+    (["search.algorithm=optuna", "hyperparameters.seed={grid: [1, 2]}"], "seed need choice, not grid"),
+    (["search.scheduler=hyperband"], "search.scheduler: must be one of fifo, asha"),
+    (["search.reduction_factor=1"], "search.reduction_factor: must be >= 2"),
     (["hyperparameters.optimizer=sgd"], "hyperparameters.optimizer: must be one of adamw, stableadamw, got 'sgd'"),
     (["hyperparameters.log_every=0"], "hyperparameters.log_every: must be an integer >= 1"),
     (["hyperparameters.spike_threshold={choice: [2.0, 0.5]}"], "hyperparameters.spike_threshold: must be a number > 1"),

@@ -226,6 +226,28 @@ class Task(ABC):
         """Raw inputs of the logged MLflow model (arrays, texts, images) -> a model batch."""
         raise NotImplementedError(f"task {self.name} cannot serve raw inputs")
 
+    # --- what a logged MLflow model of this task carries (soup/publish.py) -----------------
+    def serve_example(self) -> Any:
+        """A few raw inputs as a client sends them (what `serve_inputs` takes): MLflow stores them
+        as the model's input example, and the model's signature is inferred from them."""
+        raise NotImplementedError(f"task {self.name} has no serving input example")
+
+    def serve_requirements(self) -> list[str]:
+        """Packages (distribution names) the logged model imports when it loads, beyond torch,
+        safetensors, numpy and mlflow; publish pins their installed versions."""
+        return []
+
+    def serve_files(self, folder: str) -> dict[str, str]:
+        """Files the model reads when it is built, besides its weights (a tokenizer, a model
+        config), written under `folder`: {setting name: file or folder}. The logged model bundles
+        them and points those settings at its own copies, so it loads where the originals are not."""
+        return {}
+
+    def serve_settings(self) -> dict[str, Any]:
+        """`model_settings()` as a logged model stores them: a task drops what only training
+        reads (a pretrained file that need not exist where the model is served)."""
+        return self.model_settings()
+
     pretrain_settings: ClassVar[tuple[str, ...]] = ()
     split_settings: ClassVar[tuple[str, ...]] = ()  # settings that define the training data and held-out split
 

@@ -167,6 +167,12 @@ class GlyphsTask(Task):
         """8x8 images with values in [0, 1], as an array of shape (N, 64) or (N, 1, 8, 8)."""
         return torch.as_tensor(np.asarray(model_input, dtype=np.float32)).reshape(-1, 1, 8, 8)
 
+    def serve_example(self) -> np.ndarray:
+        """Three handwritten digits, flattened to (3, 64) float32: the signature's shape and type."""
+        from sklearn.datasets import load_digits
+
+        return (load_digits().images[:3].reshape(3, 64) / 16.0).astype(np.float32)
+
     def pretrain(self, data: TaskData | None = None) -> StateDict:
         """Pretraining on printed glyphs of the non-held-out fonts (it does not see `data`)."""
         s = self.settings

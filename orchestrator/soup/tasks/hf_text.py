@@ -135,3 +135,17 @@ class HFTextTask(FileTask):
         if hasattr(model_input, "iloc") and getattr(model_input, "ndim", 1) == 2:
             model_input = model_input.iloc[:, 0]
         return self.encode(list(np.asarray(model_input, dtype=object).ravel()))
+
+    def serve_example(self) -> list[str]:
+        return ["a first example text", "and a second, somewhat longer example text"]
+
+    def serve_requirements(self) -> list[str]:
+        return ["transformers", "tokenizers"]  # tokenizer.json's format follows tokenizers' version
+
+    def serve_files(self, folder: str) -> dict[str, str]:
+        """The model config and the tokenizer, saved (not copied) so that a hub name works too;
+        no encoder weights: the soup's own weights are all the model needs."""
+        path = os.path.join(folder, "model")
+        self.config.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        return {"model": path}

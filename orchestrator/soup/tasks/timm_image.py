@@ -147,3 +147,23 @@ class TimmImageTask(FileTask):
             model_input = model_input.iloc[:, 0]
         tf = self.transform(training=False)
         return torch.stack([tf(load_image(v)) for v in list(model_input)])
+
+    def serve_example(self) -> list[bytes]:
+        """Two small encoded PNG images (the eval transform resizes them): bytes travel to a server,
+        where a path means nothing."""
+        from PIL import Image
+
+        ramp = np.linspace(0, 255, 32 * 32 * 3).reshape(32, 32, 3).astype(np.uint8)
+        images = []
+        for pixels in (ramp, 255 - ramp):
+            out = io.BytesIO()
+            Image.fromarray(pixels).save(out, format="PNG")
+            images.append(out.getvalue())
+        return images
+
+    def serve_requirements(self) -> list[str]:
+        return ["timm", "torchvision", "pillow"]
+
+    def serve_settings(self) -> dict[str, Any]:
+        # the soup's weights replace the pretrained ones: no hub download, no pretrained file to find
+        return {**self.model_settings(), "pretrained": False, "pretrained_file": ""}
