@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 # dynamics (a table); both name the trial as their parent. selection: the training examples an
 # FTFT sweep chose from another sweep's dynamics (ids in hparams, no file)
 KINDS = ("pretrained", "trial", "soup", "proxy", "fisher", "dynamics", "selection")
-STATUSES = ("ok", "diverged", "failed")
+STATUSES = ("ok", "diverged", "failed", "stopped")  # stopped: by a scheduler (ASHA), before its last epoch
 
 SCHEMA = pa.schema([
     ("id", pa.string()),

@@ -244,4 +244,4 @@ def _replay_row(uri: str, exp: str, parent: str, row: dict[str, Any], cut_short=
     if not row["history"] and row["metrics"] and cut_short is None:
         points = [(row["metrics"], 0)]
     log_points(uri, run_id, points, {})
-    end_run(uri, run_id, "FINISHED" if row["status"] == "ok" else "FAILED")
+    end_run(uri, run_id, "FINISHED" if row["status"] in ("ok", "stopped") else "FAILED")

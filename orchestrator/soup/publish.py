@@ -19,8 +19,9 @@ from orchestrator.soup.recipes import RECIPES
 from orchestrator.soup.tasks.base import Task
 
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # orchestrator/
-# what every logged model imports when it loads; a task adds its own (Task.serve_requirements)
-REQUIREMENTS = ("torch", "safetensors", "numpy", "mlflow")
+# what every logged model imports when it loads (pyarrow: the task modules import it); a task
+# adds its own (Task.serve_requirements)
+REQUIREMENTS = ("torch", "safetensors", "numpy", "pyarrow", "mlflow")
 DEFAULT_ALIAS = "champion"
 
 
@@ -34,12 +35,16 @@ class Publisher:
         """Log every dish; with `register` ({"name": ..., "alias": ...}; name defaults to the sweep,
         alias to "champion"), register the best dish (`champion`) and return its version."""
         best = champion(dishes) if register is not None else None
-        runs = {id(dish): self.serve_one(dish, sweep, task, model=dish is best) for dish in dishes}
-        if best is None:
+        run_ids = [self.serve_one(dish, sweep, task, model=dish is best) for dish in dishes]
+        if register is None:
             return None
+        if best is None:
+            print("registered nothing: no dish with weights and a val accuracy")
+            return None
+        best_run = next(run_id for dish, run_id in zip(dishes, run_ids) if dish is best)  # `is`: dishes hold tensors
         name, alias = register.get("name") or sweep, register.get("alias") or DEFAULT_ALIAS
         description, tags = version_notes(best, sweep, ingredient_id(best, sweep))
-        version = register_best(self.uri, runs[id(best)], name, alias, description, tags)
+        version = register_best(self.uri, best_run, name, alias, description, tags)
         print(f"registered model {name} version {version} (alias {alias}): {best.label} [{best.recipe}], "
               f"{accuracies(best.metrics)}")
         return version

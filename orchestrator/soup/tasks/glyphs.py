@@ -164,7 +164,8 @@ class GlyphsTask(Task):
         return (x + torch.randn(x.shape, generator=gen) * 0.05 * strength).clamp(0, 1)
 
     def serve_inputs(self, model_input) -> torch.Tensor:
-        """8x8 images with values in [0, 1], as an array of shape (N, 64) or (N, 1, 8, 8)."""
+        """8x8 images with values in [0, 1], as an array of shape (N, 64) or (N, 1, 8, 8) (a logged
+        model's signature asks for float32 (N, 64), the shape of `serve_example`)."""
         return torch.as_tensor(np.asarray(model_input, dtype=np.float32)).reshape(-1, 1, 8, 8)
 
     def serve_example(self) -> np.ndarray:
