@@ -176,6 +176,17 @@ def log_points(uri: str, run_id: str, points: list[tuple[dict[str, float], int]]
                           tags=[RunTag(k, v) for k, v in tags.items()])
 
 
+def log_datasets(uri: str, run_id: str, datasets: list[dict[str, Any]]) -> None:
+    """Datasets as MLflow run inputs (the run page's and runs table's "Datasets"): each a dict of
+    name, digest (the data fingerprint), context (training / evaluation), source and profile."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    client(uri).log_inputs(run_id, datasets=[DatasetInput(
+        Dataset(name=d["name"], digest=d["digest"][:36], source_type="code", source=json.dumps(d["source"]),
+                profile=json.dumps(d["profile"])),
+        tags=[InputTag("mlflow.data.context", d["context"])]) for d in datasets])
+
+
 def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
     from mlflow.entities import RunTag
 

@@ -57,13 +57,16 @@ class TrialRuns(MLflowLoggerCallback):
     """One nested MLflow run per Tune trial (see the module's docstring)."""
 
     def __init__(self, where: tracking.Destination, name: Callable[[str, dict], str],
-                 params: Callable[[dict], dict[str, Any]], diverged_fails: bool = True):
+                 params: Callable[[dict], dict[str, Any]], diverged_fails: bool = True,
+                 datasets: list[dict[str, Any]] = ()):
         """`name` and `params`: a trial's run name (from its id and config) and params (from its
         config); `diverged_fails`: a diverged trial's run ends FAILED (a fine-tune) or FINISHED
-        (an LR probe, for which diverging is a measurement)."""
+        (an LR probe, for which diverging is a measurement); `datasets`: what every trial trains and
+        is evaluated on, logged as its run's inputs (tracking.log_datasets)."""
         super().__init__(tracking_uri=where.uri, tags=tracking.run_tags("trial", where.parent_run_id))
         self.where, self.name_of, self.params_of = where, name, params
         self.failing = ("failed", "diverged") if diverged_fails else ("failed",)
+        self.datasets = list(datasets)
         self.broken = False
 
     def setup(self, *args, **kwargs) -> None:
@@ -92,6 +95,8 @@ class TrialRuns(MLflowLoggerCallback):
             run_id = tracking.start_run(uri, exp, self.name_of(trial.trial_id, trial.config),
                                         {**self.tags, tracking.TRIAL_ID: trial.trial_id},
                                         self.params_of(trial.config))
+            if self.datasets:
+                tracking.log_datasets(uri, run_id, self.datasets)
         else:  # a restored trial reports again what the killed driver may already have logged
             run_id = run.info.run_id
             self._logged[run_id] = int(run.data.tags.get(tracking.LAST_STEP, -1))

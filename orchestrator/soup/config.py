@@ -31,6 +31,9 @@ BASE: dict[str, Any] = {
     # Tune's search algorithm (random, grid; optuna, hyperopt with their extras) and trial scheduler
     # (fifo: every trial runs all its epochs; asha: stops the worse trials at rungs of epochs)
     "search": {"algorithm": "random", "scheduler": "fifo", "grace_period": 1, "reduction_factor": 2},
+    # register: the best dish (highest held-out accuracy) becomes a new version of this registered
+    # model ("" = the sweep's name), and the alias moves to it
+    "publish": {"register": True, "registered_model": "", "alias": "champion"},
     # cooking: each recipe a unit of Ray work on `workers` actors (0: in the driver process),
     # each asking for `resources`; `selection: held_out` measures candidates (WiSE-FT and
     # lambda grids) on the held-out split only and every eval set only for the final dishes
@@ -74,6 +77,10 @@ def validate(raw: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
     _check_soup(cfg["soup"], source)
     _check_cook(cfg["cook"], source)
     _check_search(cfg, source)
+    check(isinstance(cfg["publish"]["register"], bool), source, "publish.register",
+          f"must be true or false, got {cfg['publish']['register']!r}")
+    check(isinstance(cfg["publish"]["alias"], str) and cfg["publish"]["alias"].strip() != "", source, "publish.alias",
+          f"must be a non-empty name, got {cfg['publish']['alias']!r}")
     check(isinstance(cfg["record_dynamics"], bool), source, "record_dynamics",
           f"must be true or false, got {cfg['record_dynamics']!r}")
     _check_selection(cfg["data_selection"], source)

@@ -162,8 +162,9 @@ def version_notes(dish: Dish, sweep: str, ingredient: str) -> tuple[str, dict[st
     """A registered version's description and tags: which recipe made it, from what, how good."""
     description = (f"{dish.label} ({dish.recipe}) from sweep {sweep}, {len(dish.parents)} ingredient(s): "
                    f"{accuracies(dish.metrics)}. Chosen on held-out (val) accuracy.")
-    tags = {tracking.SWEEP: sweep, tracking.RECIPE: dish.recipe, tracking.INGREDIENT: ingredient,
-            **{f"orchestrator.{k}": f"{v:.4f}" for k, v in dish.metrics.items() if k in ("val_acc", "id_acc", "ood_acc")}}
+    scores = {f"orchestrator.{k}": f"{dish.metrics[k]:.4f}" for k in ("val_acc", "id_acc", "ood_acc")
+              if k in dish.metrics}
+    tags = {tracking.SWEEP: sweep, tracking.RECIPE: dish.recipe, tracking.INGREDIENT: ingredient, **scores}
     return description, tags
 
 

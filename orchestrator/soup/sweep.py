@@ -23,6 +23,7 @@ import time
 from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import torch
 
 from orchestrator.common import tracking, tune
@@ -84,6 +85,10 @@ class SoupSweep:
         self.kitchen: Kitchen | None = None
         self.dishes = []
         self.data_map = None
+        self.seconds: dict[str, float] = {}  # phase -> wall seconds
+        self.where = {"setup": "driver: pretrained weights (cached in the pool), MLflow parent run",
+                      "publish": "driver: soups into the pool, their MLflow runs and models",
+                      "report": "driver: tables, plots and the data map on the parent run"}
 
     def check_inputs(self) -> None:
         """Every input is read and checked before anything is written."""
@@ -138,6 +143,7 @@ class SoupSweep:
             params={"pool": self.pool.uri, "skip_train": args.skip_train, "resumed": self.resume_path or "",
                     "task": self.task.name, "num_samples": cfg["num_samples"], "pretrained_id": self.pretrained["id"]})
         tracking.log_dict(self.uri, self.parent, self.cfg, "config.yaml")  # reusable as --config
+        tracking.log_datasets(self.uri, self.parent, self.datasets())
         if self.selection:  # the chosen example ids, with the sweep in the pool and in MLflow
             self.pool.add(Row(id=f"selection-{cfg['sweep']}-{self.data_key[:16]}", kind="selection",
                               sweep=cfg["sweep"], task=self.task.name, status="ok", hparams=self.selection,
@@ -145,6 +151,17 @@ class SoupSweep:
             tracking.log_dict(self.uri, self.parent, self.selection, "data_selection.json")
             tracking.log_params(self.uri, self.parent, {f"data_selection.{k}": v for k, v in self.selection.items()
                                                         if k != "ids"})
+
+    def datasets(self) -> list[dict]:
+        """The training data and every eval set, as MLflow dataset inputs, fingerprinted by the
+        data key (the training examples, their labels and the held-out split)."""
+        task, data, key = self.task.name, self.data, self.data_key
+        train = {"name": f"{task}/train", "digest": key, "context": "training",
+                 "source": {"task": task, "settings": self.cfg["task"]}, "profile": {"examples": len(data.train)}}
+        evals = [{"name": f"{task}/{name}", "digest": digest(key, name), "context": "evaluation",
+                  "source": {"task": task, "eval_set": name}, "profile": {"examples": len(examples)}}
+                 for name, examples in data.evals.items()]
+        return [train, *evals]
 
     def train(self) -> None:
         """Fan the trials out with Ray Tune; each one publishes itself to the pool, and the
@@ -156,11 +173,15 @@ class SoupSweep:
         cfg, args = self.cfg, self.args
         size = tune.connect(args.address, args.verbose)
         tracking.log_params(self.uri, self.parent, size)
+        res = cfg["resources"]
+        self.where["train"] = (f"Ray Tune: {cfg['num_samples']} trials on {size['ray_nodes']} node(s) "
+                               f"({size['ray_cpus']:g} CPUs, {size['ray_gpus']:g} GPUs), {res['workers']} worker(s) of "
+                               f"{res['cpu']:g} CPU, {res['gpu']:g} GPU per trial")
         print(f"Ray: {size['ray_nodes']} node(s), {size['ray_cpus']:g} CPUs, {size['ray_gpus']:g} GPUs; "
               + (f"resuming {self.resume_path}" if self.resume_path else f"running {cfg['num_samples']} trials"),
               flush=True)
-        res = cfg["resources"]
-        ctx = SweepContext(sweep=cfg["sweep"], pool_uri=self.pool.uri, cpus_per_trial=int(max(1, res["cpu"])), task_name=self.task.name,
+        ctx = SweepContext(sweep=cfg["sweep"], pool_uri=self.pool.uri, cpus_per_trial=int(max(1, res["cpu"])),
+                           task_name=self.task.name,
                            task_settings=self.task.model_settings(), pretrained_id=self.pretrained["id"],
                            data_key=self.data_key, reusable={} if args.retrain else self.reusable_trials(),
                            precision=cfg["precision"], resources=dict(res), storage=args.storage,
@@ -174,7 +195,7 @@ class SoupSweep:
             max_failures=cfg["max_failures"], total=cfg["num_samples"], describe=describe_trial,
             trial_runs=TrialRuns(tracking.Destination(self.uri, self.experiment, self.parent),
                                  name=lambda trial_id, config: f"trial-{trial_id}",
-                                 params=lambda config: {**HPARAMS, **config}),
+                                 params=lambda config: {**HPARAMS, **config}, datasets=self.datasets()[:1]),
             tune_loggers=args.tune_loggers)
         if self.resume_path:
             self.results = run.restore(self.resume_path)
@@ -236,7 +257,7 @@ class SoupSweep:
         if pulled:
             print(f"soup.recipes: also cooking {', '.join(pulled)} (needed by "
                   f"{', '.join(n for n in asked if set(RECIPES[n].needs) & set(pulled))})")
-        where = self.cook_where()
+        where = self.where["cook"] = self.cook_where()
         print(f"cooking {len(names)} recipes from the pool {where} ...", flush=True)
         t_cook, count = time.time(), iter(range(1, len(names) + 1))
         progress = Progress(len(names))
@@ -287,7 +308,10 @@ class SoupSweep:
                 "selection": self.cfg["cook"]["selection"], "stopped": self.cfg["soup"]["stopped_ingredients"]}
 
     def publish(self) -> None:
-        Publisher(self.pool, self.uri, self.experiment, self.parent).serve(self.dishes, self.cfg["sweep"], self.task)
+        spec = self.cfg["publish"]
+        register = {"name": spec["registered_model"], "alias": spec["alias"]} if spec["register"] else None
+        Publisher(self.pool, self.uri, self.experiment, self.parent).serve(self.dishes, self.cfg["sweep"], self.task,
+                                                                           register=register)
 
     def report(self) -> None:
         from orchestrator.soup.plots import soup_scatter
@@ -306,6 +330,9 @@ class SoupSweep:
         table = summary_table(self.dishes, groups)
         tracking.log_metrics(uri, parent, {**parent_metrics(self.dishes), **interval_metrics(self.dishes, groups)})
         tracking.log_text(uri, parent, table, "summary.txt")
+        # the same numbers as an MLflow table (the artifact view shows it as one; mlflow.load_table reads it)
+        tracking.client(uri).log_table(parent, pd.DataFrame([{"dish": d.label, **d.metrics} for d in self.dishes]),
+                                       "summary_table.json")
         description = f"```\n{table}\n```" + (f"\n\n```\n{self.map_summary}\n```" if self.data_map else "")
         tracking.set_tags(uri, parent, {tracking.NOTE: description[:8000]})  # the run page's description (MLflow's limit)
         print()
@@ -320,6 +347,18 @@ class SoupSweep:
         print("plot:   artifact soups_id_vs_ood.png on the parent run"
               + ("; the data map under data_map/" if self.data_map else ""))
         print(f"log:    {self.args.log_file}  (Ray's, Tune's and MLflow's own messages)")
+
+    def timed(self, phase: str, step) -> None:
+        t0 = time.time()
+        step()
+        self.seconds[phase] = time.time() - t0
+
+    def report_phases(self) -> None:
+        """Where each phase ran and how long it took: printed, and phase_<name>_seconds on the run."""
+        print("\nphases:")
+        for phase, seconds in self.seconds.items():
+            print(f"  {phase:8s} {seconds:7.1f} s  {self.where[phase]}")
+        tracking.log_metrics(self.uri, self.parent, {f"phase_{p}_seconds": v for p, v in self.seconds.items()})
 
     def report_data_map(self, tmp: str) -> None:
         """The sweep's data map (when its trials recorded dynamics), logged under data_map/."""
@@ -339,14 +378,15 @@ class SoupSweep:
 
     def run(self) -> int:
         self.check_inputs()
-        self.setup()
+        self.timed("setup", self.setup)
         status, lost = "FAILED", None
         try:
             if not self.args.skip_train:
-                self.train()
-            self.cook()
-            self.publish()
-            self.report()
+                self.timed("train", self.train)
+            self.timed("cook", self.cook)
+            self.timed("publish", self.publish)
+            self.timed("report", self.report)
+            self.report_phases()
             status = "FINISHED"
         except Exception:
             lost = tracking.unreachable(self.uri)

@@ -96,7 +96,10 @@ def test_greedy_soup_not_worse_than_best_individual_on_val(swept):
 
 
 def test_mlflow_has_parent_nested_trials_and_recipes(swept):
+    import mlflow
+
     root, uri, _ = swept
+    mlflow.set_tracking_uri(uri)
     client, by_role = runs_by_role(uri)
     (parent,) = by_role["sweep"]
     assert parent.info.status == "FINISHED"
@@ -133,8 +136,20 @@ def test_mlflow_has_parent_nested_trials_and_recipes(swept):
     assert "ingredients.json" in artifacts
     wise = [r for r in recipes if r.data.tags["orchestrator.recipe"] == "wise_ft"]
     assert len(client.get_metric_history(wise[0].info.run_id, "curve_id_acc")) == 11
+    # the best dish, registered with its alias (a fresh process loads it: tests/soup/test_published_model.py)
+    champion = client.get_model_version_by_alias("tiny", "champion")
+    assert champion.tags["orchestrator.sweep"] == "tiny" and champion.tags["orchestrator.recipe"]
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"soups_id_vs_ood.png", "manifest.parquet", "config.yaml"} <= parent_artifacts
+    assert {"soups_id_vs_ood.png", "manifest.parquet", "config.yaml", "summary_table.json"} <= parent_artifacts
+    table = client.load_table(parent.info.experiment_id, "summary_table.json", run_ids=[parent.info.run_id])
+    assert {"best individual", "uniform soup"} <= set(table["dish"]) and table["val_acc"].between(0, 1).all()
+    inputs = {(d.dataset.name, d.tags[0].value) for d in client.get_run(parent.info.run_id).inputs.dataset_inputs}
+    assert {("glyphs/train", "training"), ("glyphs/val", "evaluation"), ("glyphs/ood_fonts", "evaluation")} <= inputs
+    trial_inputs = client.get_run(trials[0].info.run_id).inputs.dataset_inputs
+    assert [(d.dataset.name, d.dataset.digest) for d in trial_inputs] == [
+        (name, digest) for name, digest in ((d.dataset.name, d.dataset.digest)
+                                            for d in client.get_run(parent.info.run_id).inputs.dataset_inputs)
+        if name == "glyphs/train"]
 
 
 def test_soup_is_logged_as_a_loadable_mlflow_model(swept):
@@ -179,9 +194,13 @@ def test_terminal_output_is_progress_and_summary_only():
     dishes = int(next(line for line in lines if line.startswith("cooked ")).split()[1])
     recipes = sum(line.startswith("  [") for line in lines)  # one progress line per recipe cooked
     assert recipes == len(default_recipes())
-    assert len(lines) < 26 + recipes + 2 * dishes, out  # 3 trials, cooking, the two tables, where things are
+    assert len(lines) < 34 + recipes + 2 * dishes, out  # 3 trials, cooking, the two tables, where things, phases
     assert sum(line.startswith("[") and "/3 " in line for line in lines) == 3  # one line per finished trial
-    assert "greedy soup" in out and "log:" in out
+    assert "greedy soup" in out and "log:" in out and "update spikes: " in out
+    assert "registered model tiny version 1 (alias champion): " in out
+    phases = lines[lines.index("phases:") + 1:]  # the last lines: where each phase ran, how long it took
+    assert [p.split()[0] for p in phases] == ["setup", "train", "cook", "publish", "report"]
+    assert "Ray Tune: 3 trials on 1 node(s)" in phases[1] and "Ray worker(s)" in phases[2]
     for noise in ("Trial status", "╭", "snapshotting", "Checkpoint successfully", "tensorboard", "type hints"):
         assert noise not in out
 
