@@ -14,7 +14,9 @@ What is measured, on the same machine and in the same run:
                 orchestrator.soup.sweep.SoupSweep with the default config
                 (orchestrator/configs/glyphs_soup.yaml), a real Pool and a real sqlite
                 MLflow store in a temp dir, resources 1 CPU per trial (so on 2 cores 2
-                trials run at once), reused actors, a checkpoint every epoch. Timed
+                trials run at once), reused actors, a checkpoint every epoch; without
+                training dynamics or a Fisher estimate, which the loop does not compute
+                either (their cost is bench_dynamics.py's and the fisher recipe's). Timed
                 separately: check_inputs() (config, task data, MLflow, pool) + setup()
                 (pretrained weights from the pool, MLflow parent run); ray.init
                 (common.tune.connect, called just before train(), which then finds Ray
@@ -222,7 +224,10 @@ def run(args, tmp: str, t_start: float) -> int:
     t_imp_ray = time.perf_counter() - t
 
     overrides = common.soup_overrides(
-        args, f"num_samples={args.k}", *([f"search_seed={args.search_seed}"] if args.search_seed is not None else []))
+        args, f"num_samples={args.k}", *([f"search_seed={args.search_seed}"] if args.search_seed is not None else []),
+        # the same work on both sides: the loop records no training dynamics (with mixup, an extra
+        # forward pass: bench_dynamics.py measures it) and estimates no Fisher (the fisher recipe's input)
+        "record_dynamics=false", "soup.recipes=[uniform_soup, greedy_soup]")
     cfg = common.load_soup_config(overrides)
     from orchestrator.soup.config import make_task
 
