@@ -344,6 +344,8 @@ class SoupSweep:
         print(f"pool:   {self.pool.uri}  (python -m orchestrator.pool show --pool {self.pool.uri})")
         print(f"MLflow: {uri}, experiment {self.cfg['sweep']!r}, parent run {parent}")
         print(f"        browse with: mlflow ui --backend-store-uri {uri}")
+        # MLflow 3.17's UI opens on its GenAI view unless the browser chose "Model training" before
+        print(f"        at http://127.0.0.1:5000/#/experiments/{self.experiment}?workflowType=machine_learning")
         print("plot:   artifact soups_id_vs_ood.png on the parent run"
               + ("; the data map under data_map/" if self.data_map else ""))
         print(f"log:    {self.args.log_file}  (Ray's, Tune's and MLflow's own messages)")

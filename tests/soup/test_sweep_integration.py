@@ -194,7 +194,7 @@ def test_terminal_output_is_progress_and_summary_only():
     dishes = int(next(line for line in lines if line.startswith("cooked ")).split()[1])
     recipes = sum(line.startswith("  [") for line in lines)  # one progress line per recipe cooked
     assert recipes == len(default_recipes())
-    assert len(lines) < 34 + recipes + 2 * dishes, out  # 3 trials, cooking, the two tables, where things, phases
+    assert len(lines) < 35 + recipes + 2 * dishes, out  # 3 trials, cooking, the two tables, where things, phases
     assert sum(line.startswith("[") and "/3 " in line for line in lines) == 3  # one line per finished trial
     assert "greedy soup" in out and "log:" in out and "update spikes: " in out
     assert "registered model tiny version 1 (alias champion): " in out
