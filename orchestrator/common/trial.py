@@ -97,12 +97,13 @@ class Trial:
             self.pool.add(row, weights)
 
 
-def maybe_crash(trial_id: str, epoch: int) -> None:
+def maybe_crash(trial_id: str, epoch: int, rank: int = 0) -> None:
     """Fault injection for the tests, off unless ORCHESTRATOR_TEST_CRASH=<epoch>:<raise|kill>:<folder>:
     each trial then crashes once, right after that epoch's checkpoint (a marker file in
-    <folder> makes its retry carry on)."""
+    <folder> makes its retry carry on). In a data-parallel trial the worker of rank
+    ORCHESTRATOR_TEST_CRASH_RANK (default 0) crashes."""
     spec = os.environ.get("ORCHESTRATOR_TEST_CRASH")
-    if not spec:
+    if not spec or rank != int(os.environ.get("ORCHESTRATOR_TEST_CRASH_RANK", "0")):
         return
     at, how, folder = spec.split(":", 2)
     marker = os.path.join(folder, trial_id)
@@ -111,4 +112,4 @@ def maybe_crash(trial_id: str, epoch: int) -> None:
     open(marker, "w").close()
     if how == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
-    raise RuntimeError(f"test crash after epoch {epoch}")
+    raise RuntimeError(f"test crash after epoch {epoch} (rank {rank})")

@@ -143,6 +143,7 @@ def fine_tune(hp: dict[str, Any], ctx: SweepContext, data: TaskData, trial: Tria
                    "examples_per_second": len(data.train) / seconds, "update_spikes": float(run.spikes)}
         if not trial.lead:
             trial.report({**metrics, "epoch": run.epoch})
+            maybe_crash(trial.id, run.epoch, trial.reporter.rank)
             continue
         metrics.update(evaluate(task, run.model, data, precision=ctx.precision))
         run.history.append({"epoch": run.epoch, **metrics})

@@ -35,15 +35,18 @@ def test_bf16_autocast_trains_and_evaluates():
 
 
 @pytest.mark.slow
-def test_data_parallel_trial_resumes_after_a_crash(tmp_path):
-    """Two gloo workers per trial (0.5 CPU each); rank 0 raises once after epoch 1: Tune
+@pytest.mark.parametrize("rank", [0, 1])
+def test_data_parallel_trial_resumes_after_a_crash(tmp_path, rank):
+    """Two gloo workers per trial (0.5 CPU each); one rank raises once after epoch 1: Tune
     retries the trial, whose TorchTrainer (same name) resumes from its epoch-1 checkpoint."""
     markers = tmp_path / "crashed"
     markers.mkdir()
     cmd = sweep_cmd(tmp_path, "ddp", 1, "resources={cpu: 0.5, gpu: 0, workers: 2}", "precision=fp32")
-    code, log = finish(start(cmd, tmp_path, ORCHESTRATOR_TEST_CRASH=f"1:raise:{markers}"), tmp_path, timeout=420)
+    code, log = finish(start(cmd, tmp_path, ORCHESTRATOR_TEST_CRASH=f"1:raise:{markers}",
+                             ORCHESTRATOR_TEST_CRASH_RANK=str(rank)), tmp_path, timeout=420)
     assert code == 0, log[-4000:]
     assert "world_rank=1" in log  # really two workers
+    assert f"test crash after epoch 1 (rank {rank})" in log  # the rank asked for crashed
     (crashed,) = os.listdir(markers)
     assert log.count("resuming after epoch 1 from its checkpoint") >= 2, log[-4000:]  # both ranks resumed
     trials = trial_rows(str(tmp_path / "pool"))
