@@ -1,6 +1,7 @@
 """Helpers the tests share (fixtures are in conftest.py): the tiny task, and running a
 sweep as a process of its own whose Ray the test can kill."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -91,3 +92,19 @@ def mlflow_server(root, port):
         assert proc.poll() is None and time.time() < deadline, (root / "mlflow.log").read_text()[-2000:]
         time.sleep(0.5)
     return proc
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, port: int):
+    """This process as `rank` of a `world`-process gloo group on 127.0.0.1:`port` (one torch
+    thread), for data-parallel tests spawned with torch.multiprocessing."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

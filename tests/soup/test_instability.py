@@ -16,7 +16,7 @@ from torch import nn
 from orchestrator.common.errors import UserError
 from orchestrator.common.instability import LossZ, SpikeDetector, optimizer_rms_t, rms_t_bound, tensor_rms_t
 from orchestrator.soup.train import FineTune
-from tests.soup.dynamics.test_record import free_port
+from tests.helpers import free_port, gloo_group
 from tests.soup.test_train import TinyTask, data, init, one_thread, task  # noqa: F401 - the fine-tuning fixtures
 
 # The tiny task at small batches, no mixup: lr 3.0 overshoots (the model turns confident, then
@@ -277,13 +277,9 @@ DP = {**BASE, "batch_size": 16, "lr": TOO_HIGH, "seed": 0, "epochs": 3}
 
 
 def _data_parallel_worker(rank: int, world: int, port: int, out: str) -> None:
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         task = TinyTask()
         run = FineTune(task, task.data(), task.pretrain(), DP, rank=rank, world=world, wrap=DistributedDataParallel)
         signals = []
@@ -292,8 +288,6 @@ def _data_parallel_worker(rank: int, world: int, port: int, out: str) -> None:
             signals += run.signals
         result = {"signals": signals, "spikes": run.spikes, "first": run.first_layer}
         torch.save(result, os.path.join(out, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_data_parallel_workers_record_what_one_worker_does(task, data, init, tmp_path):

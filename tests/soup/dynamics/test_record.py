@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from orchestrator.soup.dynamics.record import Recorder
 from orchestrator.soup.tasks.base import View
 from orchestrator.soup.train import FineTune
+from tests.helpers import free_port, gloo_group
 from tests.soup.test_train import TinyTask, data, init, task  # noqa: F401 - the fine-tuning tests' fixtures
 
 HP = {"lr": 0.05, "weight_decay": 1e-4, "epochs": 3, "batch_size": 32, "mixup": 0.0, "augment": 0.0, "seed": 3}
@@ -107,26 +108,12 @@ def test_recorder_restore_drops_epochs_after_the_checkpoint():
 
 
 def _data_parallel_worker(rank: int, world: int, port: int, out: str) -> None:
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         task = TinyTask()
         run = train(task, task.data(), task.pretrain(), {}, rank=rank, world=world, wrap=DistributedDataParallel)
         torch.save({"weights": run.weights(), "frame": run.dynamics.frame()}, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_data_parallel_workers_train_and_record_what_one_does(task, data, init, tmp_path):
