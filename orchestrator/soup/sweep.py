@@ -222,8 +222,8 @@ class SoupSweep:
             self.pool.add(Row(id=failed.trial_id, kind="trial", sweep=cfg["sweep"], task=self.task.name,
                               status="failed", parents=[self.pretrained["id"]], data_key=self.data_key))
         added, _ = tracking.replay_pool(self.pool, self.uri, sweep=cfg["sweep"], parent=self.parent)
-        if added:  # trials that could not reach MLflow (e.g. a server bound to the head's 127.0.0.1)
-            print(f"MLflow: logged {added} trial(s) from the pool that could not log themselves")
+        if added:  # e.g. the tracking server was away for a while: the pool has every trial
+            print(f"MLflow: logged {added} trial(s) from the pool that MLflow missed while they ran")
 
     def reusable_trials(self) -> dict[str, str]:
         """This sweep's finished trials in the pool, by definition (start point, data, hyperparameters)."""
