@@ -108,7 +108,7 @@ def _check_search(cfg: dict[str, Any], source: str) -> None:
           f"must be >= 1 (epochs), got {search['grace_period']}")
     check(search["reduction_factor"] >= 2, source, "search.reduction_factor",
           f"must be >= 2, got {search['reduction_factor']}")
-    extra = {"optuna": "optuna", "hyperopt": "hyperopt"}.get(search["algorithm"])
+    extra = search["algorithm"] if search["algorithm"] in ("optuna", "hyperopt") else None  # optional packages
     check(not extra or importlib.util.find_spec(extra) is not None, source, "search.algorithm",
           f"{search['algorithm']} needs the {extra} package: pip install 'orchestrator[{extra}]'")
     kinds = {name: next(iter(spec)) for name, spec in cfg["hyperparameters"].items() if isinstance(spec, dict)}

@@ -187,9 +187,21 @@ def store_dynamics(task, run: FineTune, data: TaskData, ctx: SweepContext, trial
 
 
 def stopped_early(result) -> bool:
-    """A trial the scheduler (ASHA) stopped before its last epoch: no error, and it never
-    reported the ingredient id a finished trial reports with its last epoch."""
-    return result.error is None and "ingredient_id" not in (result.metrics or {}) and result.checkpoint is not None
+    """A trial the scheduler (ASHA) stopped before its last epoch: no error, a checkpoint, and it
+    never reported the ingredient id a finished trial reports with its last epoch."""
+    metrics = result.metrics or {}
+    return (result.error is None and "ingredient_id" not in metrics
+            and (result.checkpoint is not None or "checkpoint_path" in metrics))
+
+
+def last_checkpoint(result, storage: str):
+    """A Tune result's last checkpoint: Tune's own, or for a data-parallel trial the Ray Train
+    checkpoint whose path TuneReportCallback put in the metrics (`checkpoint_path`)."""
+    if result.checkpoint is not None:
+        return result.checkpoint
+    from ray.train import Checkpoint
+
+    return Checkpoint(result.metrics["checkpoint_path"], filesystem=storage_fs(storage)[0])
 
 
 def publish_stopped(result, ctx: SweepContext) -> None:
@@ -197,7 +209,7 @@ def publish_stopped(result, ctx: SweepContext) -> None:
     mid-loop and wrote nothing): status `stopped`, the metrics it reported at the stop."""
     from orchestrator.common.trial_runs import numeric  # (imports Ray Tune)
 
-    with result.checkpoint.as_directory() as d:
+    with last_checkpoint(result, ctx.storage).as_directory() as d:
         weights = load_file(os.path.join(d, "model.safetensors"))
         state = torch.load(os.path.join(d, "train_state.pt"), weights_only=True)
     trial_id = os.path.basename(result.path.rstrip("/"))

@@ -91,3 +91,33 @@ def test_stopped_trials_are_ingredients_when_asked(asha_sweep, capsys):
     trials = df[df["kind"] == "trial"]
     soups = df[[isinstance(h, dict) and h.get("recipe") == "uniform_soup" for h in df["hparams"]]]
     assert any(sorted(p) == sorted(trials["id"]) for p in soups["parents"])  # all four, stopped ones too
+
+
+def test_a_stopped_data_parallel_trial_is_published_from_its_ray_train_checkpoint(tmp_path):
+    """A data-parallel trial's Tune result has no checkpoint of its own: TuneReportCallback puts the
+    Ray Train checkpoint's path in the metrics, and the stopped trial's row is made from that."""
+    from types import SimpleNamespace
+
+    import torch
+    from safetensors.torch import save_file
+
+    from orchestrator.soup.trial import SweepContext, publish_stopped, stopped_early
+
+    checkpoint = tmp_path / "checkpoint_000000"
+    checkpoint.mkdir()
+    weights = {"w": torch.arange(4.0)}
+    save_file(weights, str(checkpoint / "model.safetensors"))
+    torch.save({"history": [{"epoch": 1, "val_acc": 0.5}]}, checkpoint / "train_state.pt")
+    result = SimpleNamespace(error=None, checkpoint=None, path=str(tmp_path / "run" / "abc_00003"),
+                             config={"lr": 1e-3, "epochs": 4},
+                             metrics={"val_acc": 0.5, "epoch": 1, "diverged": 0.0, "checkpoint_path": str(checkpoint)})
+    assert stopped_early(result)
+    ctx = SweepContext(sweep="dp", pool_uri=str(tmp_path / "pool"), cpus_per_trial=1, task_name="glyphs",
+                       pretrained_id="pretrained-x", data_key="key", storage=str(tmp_path))
+    Pool(ctx.pool_uri, create=True)
+    publish_stopped(result, ctx)
+    row = Pool(ctx.pool_uri).get("abc_00003")
+    assert row["status"] == "stopped" and row["metrics"] == {"val_acc": 0.5}
+    assert row["history"] == [{"epoch": 1, "val_acc": 0.5}] and row["hparams"]["epochs"] == 4
+    assert torch.equal(Pool(ctx.pool_uri).load("abc_00003")["w"], weights["w"])
+    assert not stopped_early(SimpleNamespace(error=None, checkpoint=None, metrics={"val_acc": 0.5, "epoch": 1}))
