@@ -4,12 +4,16 @@ head). Each actor builds its own Kitchen and reads the ingredients straight from
 (once per actor: the pool verifies a file once and memory-maps it after), so nothing but
 the task data, the needed dishes and the finished dishes travel through Ray's object store.
 
-A recipe is one unit of work (a `per_need` recipe, WiSE-FT, one unit per base): it starts as
-soon as the recipes it needs are done and an actor is free, so the greedy soup's sequential
-loop runs in one actor while the others cook the independent recipes (ensemble, the
-task-vector merges, Fisher, WiSE-FT from the best individual). Every actor runs the
-same `cook_one` as cooking in the driver, with the same number of threads, so the dishes
-are the same bit for bit whichever actor cooks them.
+Units of work: a recipe that fans out (recipes/__init__.py: plan, evaluate, serve) is a plan,
+then one unit per candidate evaluation (a lambda, a WiSE-FT alpha, a group of ensemble
+members), then a serve; any other recipe is one unit (`cook`). A `per_need` recipe
+(WiSE-FT) is one part per need. A recipe's first unit starts as soon as the recipes it
+needs are done and an actor is free, so the greedy soup's sequential loop runs in one actor
+while the others cook the rest, and a recipe's evaluations spread over every free actor.
+A plan's shared value (theta_0 and the merged task vector, say) stays in the object store and
+is fetched once per actor that evaluates its candidates. Every actor runs the same recipe
+functions as cooking in the driver, with the same number of threads, so the dishes are the
+same bit for bit whichever actor cooks them.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any, Callable, TextIO
 
 from orchestrator.common.pool import Pool
 from orchestrator.soup.kitchen import Dish, Kitchen
-from orchestrator.soup.recipes import RECIPES, cook_one, ordered
+from orchestrator.soup.recipes import RECIPES, Plan, cook_one, on_cpu, ordered, recipe_params, to_device
 from orchestrator.soup.tasks import TASKS
 from orchestrator.soup.tasks.base import TaskData
 
@@ -108,26 +112,64 @@ def watch(kitchen: Kitchen, progress: Progress, period: float = 1.0) -> Callable
 
 
 class Cook:
-    """A Ray actor with a Kitchen of its own; cooks one recipe per call. It runs two threads, so
-    `evaluations()` answers while a recipe cooks."""
+    """A Ray actor with a Kitchen of its own; runs one unit of cooking per call: a whole recipe,
+    or a fanning-out recipe's plan, one candidate's evaluation or its serve. It runs two
+    threads, so `evaluations()` answers while a unit cooks."""
 
     def __init__(self, spec: KitchenSpec):
         import torch
 
         torch.set_num_threads(spec.threads)
         self.spec, self.kitchen = spec, None
+        self.shared: dict[str, Any] = {}  # plans' shared values by object id, the last two fetched
 
-    def cook(self, data: list, name: str, settings: dict[str, Any],
-             needed: dict[str, Dish]) -> tuple[list[Dish], float]:
+    def _kitchen(self, data: list) -> Kitchen:
         """`data`: [a reference to the task data], fetched only by the first call (and again by an
         actor restarted after its node was lost), which builds the Kitchen."""
         import ray
 
-        t0 = time.time()
         if self.kitchen is None:
             self.kitchen = self.spec.kitchen(ray.get(data[0]))
-        dishes = cook_one(self.kitchen, name, settings, needed)
+        return self.kitchen
+
+    def _shared(self, box: list) -> Any:
+        """A plan's shared value (box: [its reference]), fetched once per actor, on the kitchen's device."""
+        import ray
+
+        key = box[0].hex()
+        if key not in self.shared:
+            if len(self.shared) >= 2:
+                self.shared.pop(next(iter(self.shared)))
+            self.shared[key] = to_device(ray.get(box[0]), self.kitchen.device)
+        return self.shared[key]
+
+    def cook(self, data: list, name: str, settings: dict[str, Any],
+             needed: dict[str, Dish]) -> tuple[list[Dish], float]:
+        t0 = time.time()
+        dishes = cook_one(self._kitchen(data), name, settings, needed)
         return dishes, time.time() - t0
+
+    def plan(self, data: list, name: str, settings: dict[str, Any],
+             needed: dict[str, Dish]) -> tuple[tuple[list, float], Any]:
+        """Two returns: (the candidates, seconds) for the driver, the shared value for the workers."""
+        t0 = time.time()
+        plan = RECIPES[name].plan(self._kitchen(data), recipe_params(name, settings), needed)
+        return (plan.candidates, time.time() - t0), to_device(plan.shared, "cpu")
+
+    def evaluate(self, data: list, name: str, box: list, candidate: Any) -> tuple[float, Any]:
+        """Two returns: seconds for the driver, the result for the serve."""
+        t0 = time.time()
+        kitchen = self._kitchen(data)
+        result = RECIPES[name].evaluate(kitchen, self._shared(box), candidate)
+        return time.time() - t0, to_device(result, "cpu")
+
+    def serve(self, data: list, name: str, settings: dict[str, Any], needed: dict[str, Dish], box: list,
+              candidates: list, *results: Any) -> tuple[list[Dish], float]:
+        t0 = time.time()
+        kitchen = self._kitchen(data)
+        plan = Plan(candidates, self._shared(box))
+        dishes = RECIPES[name].serve(kitchen, recipe_params(name, settings), needed, plan, list(results))
+        return on_cpu(dishes), time.time() - t0
 
     def evaluations(self) -> int:
         return self.kitchen.evaluations if self.kitchen else 0
@@ -145,61 +187,120 @@ def room(resources: dict[str, float]) -> int:
     return max(1, min(fits, default=1))
 
 
-def unit_needs(name: str, part: str | None) -> tuple[str, ...]:
-    return RECIPES[name].needs if part is None else (part,)
+@dataclass
+class Unit:
+    """One call to a cooking actor: `stage` "cook" (a whole recipe), or "plan", "evaluate"
+    (candidate `index`) and "serve" of a recipe that fans out. `part`: the need a per_need
+    recipe's part cooks from (None: all its needs)."""
+
+    name: str
+    part: str | None
+    stage: str
+    index: int = 0
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        return RECIPES[self.name].needs if self.part is None else (self.part,)
 
 
 def cook_on_ray(spec: KitchenSpec, data: TaskData, names: list[str], settings: dict[str, Any], workers: int,
-                resources: dict[str, float], done: Callable[[str, list[Dish], float], None],
+                resources: dict[str, float], done: Callable[[str, list[Dish], float, int], None],
                 progress: Callable[[int], None] = lambda evaluations: None, period: float = 1.0) -> list[Dish]:
     """Cook the named recipes (and what they need) on `workers` actors; `done(name, dishes,
-    seconds)` is called as each recipe finishes, and `progress(evaluations)` with the actors'
-    evaluations so far every `period` seconds. Dishes come back in the recipes' order."""
+    seconds, actors)` is called as each recipe finishes (seconds: its units' time added up;
+    actors: how many different actors ran them), and
+    `progress(evaluations)` with the actors' evaluations so far every `period` seconds.
+    Dishes come back in the recipes' order."""
     import ray
 
     order = ordered(names)
-    # units of work: a recipe, or one part per need of a recipe that cooks each need on its own
-    # (WiSE-FT's curve from the best individual need not wait for the greedy soup)
-    units = [(name, need) for name in order
-             for need in (RECIPES[name].needs if RECIPES[name].per_need else [None])]
+    # a recipe's parts: one per need of a recipe that cooks each need on its own (WiSE-FT's curve
+    # from the best individual need not wait for the greedy soup), else one
+    parts = {name: [need for need in (RECIPES[name].needs if RECIPES[name].per_need else [None])]
+             for name in order}
     # a restarted actor (its node lost) gets its unit again: cooking has no side effects
     actor = ray.remote(Cook).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"], max_restarts=2,
                                      max_task_retries=2, max_concurrency=2)
     data_ref = ray.put(data)  # held here while cooking, so a restarted actor finds it
     # the data goes with each call, not to the constructor: Ray warns on the terminal about an
     # actor that may restart with a constructor argument in the object store
-    cooks = [actor.remote(spec) for _ in range(min(workers, len(units), room(resources)))]
+    cooks = [actor.remote(spec) for _ in range(min(workers, room(resources)))]
     free, running = list(cooks), {}
     made: dict[str, list[Dish]] = {}
-    parts: dict[tuple[str, str | None], tuple[list[Dish], float]] = {}
-    pending = list(units)
+    served: dict[tuple[str, str | None], list[Dish]] = {}  # each part's dishes
+    seconds: dict[str, float] = dict.fromkeys(order, 0.0)
+    ran_on: dict[str, set] = {name: set() for name in order}  # the actors each recipe's units ran on
+    plans: dict[tuple[str, str | None], tuple[list, Any]] = {}  # a part's candidates and its shared value's reference
+    results: dict[tuple[str, str | None], dict[int, Any]] = {}  # a part's evaluations' result references
+    pending = [Unit(name, part, "plan" if RECIPES[name].fans_out() else "cook")
+               for name in order for part in parts[name]]
+    rank = {"serve": 0, "evaluate": 1, "plan": 2, "cook": 2}  # finish what was started first
+
+    def start(unit: Unit, cook) -> Any:
+        """The unit's call; the reference to wait on."""
+        key = (unit.name, unit.part)
+        needed = {need: made[need][0] for need in unit.needs}
+        if unit.stage == "cook":
+            return cook.cook.remote([data_ref], unit.name, settings, needed)
+        if unit.stage == "plan":
+            meta, shared = cook.plan.options(num_returns=2).remote([data_ref], unit.name, settings, needed)
+            plans[key] = (None, shared)
+            return meta
+        candidates, shared = plans[key]
+        if unit.stage == "evaluate":
+            took, result = cook.evaluate.options(num_returns=2).remote([data_ref], unit.name, [shared],
+                                                                      candidates[unit.index])
+            results[key][unit.index] = result
+            return took
+        return cook.serve.remote([data_ref], unit.name, settings, needed, [shared], candidates,
+                                 *[results[key][i] for i in range(len(candidates))])
+
+    def finished(unit: Unit, value: Any, cook) -> None:
+        """What follows a unit: the evaluations after a plan, the serve after the last evaluation,
+        the recipe's `done` after its last part."""
+        key = (unit.name, unit.part)
+        if unit.stage == "plan":
+            (candidates, took), shared = value, plans[key][1]
+            plans[key], results[key] = (candidates, shared), {}
+            pending.extend(Unit(unit.name, unit.part, "evaluate", i) for i in range(len(candidates)))
+            if not candidates:
+                pending.append(Unit(unit.name, unit.part, "serve"))
+        elif unit.stage == "evaluate":
+            took = value
+            evaluated = {u.index for u in pending + [r[0] for r in running.values()]
+                         if (u.name, u.part, u.stage) == (*key, "evaluate")}
+            if not evaluated:
+                pending.append(Unit(unit.name, unit.part, "serve"))
+        else:
+            served[key], took = value
+        seconds[unit.name] += took
+        ran_on[unit.name].add(cook)
+        if unit.stage in ("cook", "serve") and all((unit.name, p) in served for p in parts[unit.name]):
+            made[unit.name] = [dish for p in parts[unit.name] for dish in served[unit.name, p]]
+            done(unit.name, made[unit.name], seconds[unit.name], len(ran_on[unit.name]))
+
     try:
         while pending or running:
             # what another recipe waits for goes first (the greedy soup before the ensemble)
-            awaited = {need for n, _ in pending for need in RECIPES[n].needs}
-            ready = [u for u in pending if all(need in made for need in unit_needs(*u))]
-            for unit in sorted(ready, key=lambda u: (u[0] not in awaited, RECIPES[u[0]].position)):
+            awaited = {need for u in pending for need in RECIPES[u.name].needs}
+            ready = [u for u in pending if u.stage not in ("cook", "plan") or all(need in made for need in u.needs)]
+            for unit in sorted(ready, key=lambda u: (u.name not in awaited, RECIPES[u.name].position, rank[u.stage],
+                                                     u.index)):
                 if not free:
                     break
                 cook = free.pop(0)
-                needed = {need: made[need][0] for need in unit_needs(*unit)}
-                running[cook.cook.remote([data_ref], unit[0], settings, needed)] = (unit, cook)
+                running[start(unit, cook)] = (unit, cook)
                 pending.remove(unit)
-            finished, _ = ray.wait(list(running), num_returns=1, timeout=period)
-            if not finished:  # still cooking: how far along
+            ready_refs, _ = ray.wait(list(running), num_returns=1, timeout=period)
+            if not ready_refs:  # still cooking: how far along
                 try:
                     progress(sum(ray.get([c.evaluations.remote() for c in cooks], timeout=period)))
                 except ray.exceptions.RayError:  # an actor restarting after its node was lost: next time
                     pass
                 continue
-            unit, cook = running.pop(finished[0])
-            parts[unit] = ray.get(finished[0])
+            unit, cook = running.pop(ready_refs[0])
             free.append(cook)
-            name = unit[0]
-            mine = [u for u in units if u[0] == name]
-            if all(u in parts for u in mine):  # the recipe is done: its dishes in its own order
-                made[name] = [dish for u in mine for dish in parts[u][0]]
-                done(name, made[name], sum(parts[u][1] for u in mine))
+            finished(unit, ray.get(ready_refs[0]), cook)
     finally:
         for cook in cooks:
             ray.kill(cook)

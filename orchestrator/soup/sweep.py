@@ -262,9 +262,10 @@ class SoupSweep:
         t_cook, count = time.time(), iter(range(1, len(names) + 1))
         progress = Progress(len(names))
 
-        def done(name: str, dishes: list, seconds: float) -> None:
+        def done(name: str, dishes: list, seconds: float, actors: int = 1) -> None:
+            spread = f" of work on {actors} workers" if actors > 1 else ""  # a recipe's evaluations, spread out
             progress.recipe(f"  [{next(count)}/{len(names)} {time.time() - t_cook:4.0f}s] {name}: "
-                            f"{len(dishes)} dish{'es' if len(dishes) != 1 else ''} in {seconds:.1f} s")
+                            f"{len(dishes)} dish{'es' if len(dishes) != 1 else ''} in {seconds:.1f} s{spread}")
 
         spec = self.cfg["cook"]
         if spec["workers"] == 0:

@@ -155,14 +155,23 @@ def test_mlflow_has_parent_nested_trials_and_recipes(swept):
 def test_soup_is_logged_as_a_loadable_mlflow_model(swept):
     import mlflow
     import numpy as np
+    import torch
 
     _, uri, _ = swept
     _, by_role = runs_by_role(uri)
     greedy = next(r for r in by_role["recipe"] if r.data.tags["orchestrator.recipe"] == "greedy_soup")
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model(f"runs:/{greedy.info.run_id}/model")
-    out = model.predict(np.zeros((3, 64), dtype=np.float32))
-    assert out.shape == (3, 10)
+    # the served model is the soup in the pool: the same logits on real digits
+    root, _, _ = swept
+    task = make_task(load_config(None, ["sweep=tiny", *TINY_TASK]))
+    torch_model = task.build_model()
+    torch_model.load_state_dict(Pool(str(root / "pool")).load(greedy.data.tags["orchestrator.ingredient_id"]))
+    digits = task.serve_example()
+    with torch.no_grad():
+        want = task.logits(torch_model.eval(), task.serve_inputs(digits)).numpy()
+    out = model.predict(digits)
+    assert out.shape == (3, 10) and np.allclose(out, want, rtol=1e-5, atol=1e-6)
 
 
 def test_skip_train_recooks_without_duplicates(swept):
@@ -292,7 +301,7 @@ def cooked_by(swept, workers, names, selection="all"):
             return cook(spec.kitchen(data), names, cfg["soup"]), finished
         finally:
             torch.set_num_threads(threads)
-    done = lambda name, dishes, seconds: finished.append(name)  # noqa: E731
+    done = lambda name, dishes, seconds, actors: finished.append((name, actors))  # noqa: E731
     cooked_by.progress = []  # the actors' evaluations so far, as cooking reported them
     return cook_on_ray(spec, data, names, cfg["soup"], workers, {"cpu": 1, "gpu": 0}, done,
                        progress=cooked_by.progress.append, period=0.02), finished
@@ -304,7 +313,11 @@ def test_cooking_on_two_ray_workers_gives_the_dishes_of_cooking_in_one_process(s
     names = ["greedy_soup", "ensemble", "wise_ft", "ties", "model_stock", "fisher"]  # wise_ft: in two parts
     alone, _ = cooked_by(swept, 0, names)
     parallel, finished = cooked_by(swept, 2, names)
-    assert sorted(finished) == sorted(["best_individual", *names])  # one progress call per recipe
+    assert sorted(name for name, _ in finished) == sorted(["best_individual", *names])  # one call per recipe
+    actors = dict(finished)
+    # the greedy soup's loop is one unit, on one actor; WiSE-FT's 2 x 11 points, the ensemble's
+    # members and TIES's lambdas are evaluations of their own, spread over both
+    assert actors["greedy_soup"] == 1 and actors["wise_ft"] == 2
     counts = cooked_by.progress  # evaluations reported while the recipes cooked: they only grow
     assert counts and counts == sorted(counts) and counts[-1] > 0
     assert [d.name for d in parallel] == [d.name for d in alone]  # the recipes' order, whoever finished first

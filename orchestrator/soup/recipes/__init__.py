@@ -8,6 +8,12 @@ whether its weights are new and go to the pool and MLflow (`produces_weights`), 
 summary table lists it (`position`), whether the summary measures the others against it
 (`reference`) and how the plot draws it (`marker`, or a curve over
 `curve_x`). `cook` does the math through the Kitchen and does no I/O of its own.
+
+A recipe whose evaluations do not depend on one another (a lambda grid, WiSE-FT's alphas,
+the ensemble's members) writes `plan`, `evaluate` and `serve` instead of `cook`: cooking in
+one process runs them in a row, cooking on Ray (soup/cooking.py) runs every candidate's
+evaluation as its own unit of work, on whichever worker is free. Both run the same three
+functions, so the dishes are the same either way.
 """
 
 from __future__ import annotations
@@ -47,6 +53,16 @@ def grid_rule(what: str, low: float, high: float | None = None) -> Callable[[Any
     return rule
 
 
+@dataclass
+class Plan:
+    """What `Recipe.plan` hands on: the candidates, each evaluated on its own (small values:
+    a lambda, an alpha, an ingredient's pool row), and what every evaluation reads (`shared`:
+    e.g. theta_0 and the merged task vector), made once."""
+
+    candidates: list[Any]
+    shared: Any = None
+
+
 @dataclass(frozen=True)
 class Marker:
     """How the ID-vs-OOD plot draws a recipe's point."""
@@ -77,9 +93,33 @@ class Recipe:
         reads), or None; asked before anything is cooked."""
         return None
 
+    @classmethod
+    def cook(cls, k: Kitchen, params: dict[str, Any], cooked: dict[str, Dish]) -> list[Dish]:
+        """The recipe's dishes, from the first dish of each recipe it `needs`. A recipe either
+        overrides this or writes the three steps below, which this runs in a row."""
+        plan = cls.plan(k, params, cooked)
+        return cls.serve(k, params, cooked, plan, [cls.evaluate(k, plan.shared, c) for c in plan.candidates])
+
     @staticmethod
-    def cook(k: Kitchen, params: dict[str, Any], cooked: dict[str, Dish]) -> list[Dish]:
+    def plan(k: Kitchen, params: dict[str, Any], cooked: dict[str, Dish]) -> Plan:
+        """The candidates to evaluate, and what their evaluations share."""
         raise NotImplementedError
+
+    @staticmethod
+    def evaluate(k: Kitchen, shared: Any, candidate: Any) -> Any:
+        """One candidate's evaluation, wherever it runs; returns what `serve` needs of it."""
+        raise NotImplementedError
+
+    @staticmethod
+    def serve(k: Kitchen, params: dict[str, Any], cooked: dict[str, Dish], plan: Plan,
+              results: list[Any]) -> list[Dish]:
+        """The dishes, from every candidate's result (in the plan's order)."""
+        raise NotImplementedError
+
+    @classmethod
+    def fans_out(cls) -> bool:
+        """Whether the recipe is cooked as plan, evaluations and serve (else one `cook`)."""
+        return cls.plan is not Recipe.plan
 
 
 RECIPES: dict[str, type[Recipe]] = {}
@@ -152,11 +192,33 @@ def cook_one(kitchen: Kitchen, name: str, settings: dict[str, Any], cooked: dict
     """One recipe's dishes, given the first dish of each recipe it needs; weights on the CPU
     (the pool and MLflow store CPU tensors, and Ray ships them)."""
     recipe = RECIPES[name]
-    dishes = recipe.cook(kitchen, {p.name: settings[p.name] for p in recipe.params}, cooked)
+    return on_cpu(recipe.cook(kitchen, recipe_params(name, settings), cooked))
+
+
+def recipe_params(name: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's own settings out of the config's `soup:` section."""
+    return {p.name: settings[p.name] for p in RECIPES[name].params}
+
+
+def on_cpu(dishes: list[Dish]) -> list[Dish]:
     for dish in dishes:
         if dish.weights is not None:
             dish.weights = {k: v.detach().cpu().contiguous() for k, v in dish.weights.items()}
     return dishes
+
+
+def to_device(value: Any, device) -> Any:
+    """`value` with every tensor in it (in dicts, lists and tuples) on `device`: what a plan
+    shares and an evaluation returns travel between Ray workers on the CPU."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(v, device) for v in value)
+    return value
 
 
 for _module in pkgutil.iter_modules(__path__):

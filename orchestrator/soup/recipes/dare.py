@@ -28,15 +28,22 @@ class Dare(Recipe):
     marker = Marker("h", "tab:olive", 140)
 
     @staticmethod
-    def cook(k, params, cooked):
+    def plan(k, params, cooked):
         rows = k.loadable()
         zero = k.load(k.pretrained)
         drop = task_vectors.random_drop(params["dare_p"], params["dare_seed"], params["dare_rescale"])
         if params["dare_merge"] == "ties":
-            delta, grid = task_vectors.ties_delta(zero, rows, k.load, drop), params["ties_lambdas"]
-        else:
-            delta, grid = task_vectors.sum_task_vectors(zero, rows, k.load, drop), params["task_arithmetic_lambdas"]
-        lam, state, verdict, trace = task_arithmetic.pick_scale(k, zero, delta, grid)
+            return task_arithmetic.scale_plan(zero, task_vectors.ties_delta(zero, rows, k.load, drop),
+                                              params["ties_lambdas"])
+        return task_arithmetic.scale_plan(zero, task_vectors.sum_task_vectors(zero, rows, k.load, drop),
+                                          params["task_arithmetic_lambdas"])
+
+    evaluate = staticmethod(task_arithmetic.scale_evaluate)  # each lambda on the held-out split
+
+    @staticmethod
+    def serve(k, params, cooked, plan, results):
+        rows = k.loadable()
+        lam, state, verdict, trace = task_arithmetic.pick_scale(k, plan, results)
         merge_label = "TIES" if params["dare_merge"] == "ties" else "TA"
         return [Dish("dare", f"{Dare.label}-{merge_label} p={params['dare_p']:g} l={lam:g}", verdict.metrics,
                      [r["id"] for r in rows], state,

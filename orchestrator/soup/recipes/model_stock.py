@@ -1,13 +1,13 @@
 """Model Stock (Jang et al., ECCV 2024): per tensor, move from theta_0 towards the fine-tunes'
 mean by t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of their task vectors.
 No held-out evaluation chooses anything; cooked over all ingredients and over the greedy
-soup's (the paper: a few fine-tunes rival a greedy soup of many)."""
+soup's (the paper: a few fine-tunes rival a greedy soup of many), each its own candidate."""
 
 import logging
 
 from orchestrator.soup import task_vectors
 from orchestrator.soup.kitchen import Dish
-from orchestrator.soup.recipes import Marker, Recipe, register
+from orchestrator.soup.recipes import Marker, Plan, Recipe, register
 
 log = logging.getLogger(__name__)
 
@@ -21,22 +21,32 @@ class ModelStock(Recipe):
     histogram = "t_per_tensor"
 
     @staticmethod
-    def cook(k, params, cooked):
+    def plan(k, params, cooked):
         rows = k.loadable()
         kept = set(cooked["greedy_soup"].parents)
-        dishes = []
+        candidates = []
         for name, which, chosen in (("model_stock", "all", rows),
                                     ("model_stock_greedy", "greedy soup's", [r for r in rows if r["id"] in kept])):
             if len(chosen) < 2:
                 log.warning("%s: the %s ingredients are %d model(s); Model Stock needs 2 or more", name, which,
                             len(chosen))
-                continue
-            stock = task_vectors.model_stock(k.load(k.pretrained), chosen, k.load)
-            verdict = k.judge(stock.state)
-            ts = sorted(stock.t.values())
-            dishes.append(Dish("model_stock", f"{ModelStock.label} ({which} {len(chosen)})", verdict.metrics,
-                               [r["id"] for r in chosen], stock.state,
-                               params={"from": which, "n_ingredients": len(chosen),
-                                       "t_median": ts[len(ts) // 2]},
-                               details={"t_per_tensor": stock.t}, name=name, correct=verdict.correct))
+            else:
+                candidates.append({"name": name, "from": which, "rows": chosen})
+        return Plan(candidates)
+
+    @staticmethod
+    def evaluate(k, shared, c):
+        stock = task_vectors.model_stock(k.load(k.pretrained), c["rows"], k.load)
+        verdict = k.judge(stock.state)
+        return {"state": stock.state, "t": stock.t, "metrics": verdict.metrics, "correct": verdict.correct}
+
+    @staticmethod
+    def serve(k, params, cooked, plan, results):
+        dishes = []
+        for c, made in zip(plan.candidates, results):
+            ts = sorted(made["t"].values())
+            dishes.append(Dish("model_stock", f"{ModelStock.label} ({c['from']} {len(c['rows'])})", made["metrics"],
+                               [r["id"] for r in c["rows"]], made["state"],
+                               params={"from": c["from"], "n_ingredients": len(c["rows"]), "t_median": ts[len(ts) // 2]},
+                               details={"t_per_tensor": made["t"]}, name=c["name"], correct=made["correct"]))
         return dishes

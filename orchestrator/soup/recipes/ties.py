@@ -5,7 +5,7 @@ the held-out split) and add to theta_0."""
 from orchestrator.soup import task_vectors
 from orchestrator.soup.kitchen import Dish
 from orchestrator.soup.recipes import Marker, Param, Recipe, grid_rule, register
-from orchestrator.soup.recipes.task_arithmetic import pick_scale
+from orchestrator.soup.recipes.task_arithmetic import pick_scale, scale_evaluate, scale_plan
 
 LAMBDAS = Param("ties_lambdas", list, [0.5, 0.75, 1.0, 1.5, 2.0],
                 "lambdas on the merged task vector (a mean, so 1 is the natural scale; the paper searches "
@@ -27,12 +27,18 @@ class Ties(Recipe):
     marker = Marker("X", "tab:cyan", 140)
 
     @staticmethod
-    def cook(k, params, cooked):
+    def plan(k, params, cooked):
         rows = k.loadable()
         zero = k.load(k.pretrained)
         trim = task_vectors.magnitude_trim(params["ties_k"], params["ties_trim"])
-        delta = task_vectors.ties_delta(zero, rows, k.load, trim)
-        lam, state, verdict, trace = pick_scale(k, zero, delta, params["ties_lambdas"])
+        return scale_plan(zero, task_vectors.ties_delta(zero, rows, k.load, trim), params["ties_lambdas"])
+
+    evaluate = staticmethod(scale_evaluate)  # each lambda on the held-out split
+
+    @staticmethod
+    def serve(k, params, cooked, plan, results):
+        rows = k.loadable()
+        lam, state, verdict, trace = pick_scale(k, plan, results)
         return [Dish("ties", f"{Ties.label} k={params['ties_k']:g} l={lam:g}", verdict.metrics,
                      [r["id"] for r in rows], state,
                      params={"k": params["ties_k"], "trim": params["ties_trim"], "sign_tie": "+1", "lambda": lam,

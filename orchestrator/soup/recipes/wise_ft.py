@@ -1,9 +1,15 @@
 """WiSE-FT (Wortsman et al., CVPR 2022): interpolate from the zero-shot weights towards
-the best individual and towards the greedy soup, (1 - alpha) * zero-shot + alpha * fine-tuned."""
+the best individual and towards the greedy soup, (1 - alpha) * zero-shot + alpha * fine-tuned.
+Each (base, alpha) point of the curves is one candidate, evaluated on its own."""
 
 from orchestrator.soup import merge
 from orchestrator.soup.kitchen import Dish
-from orchestrator.soup.recipes import Param, Recipe, grid_rule, register
+from orchestrator.soup.recipes import Param, Plan, Recipe, grid_rule, register, to_device
+
+
+def middle(alphas) -> float:
+    """The recommended alpha, 0.5, or the nearest on the grid: the point the dish stores."""
+    return min(sorted(alphas), key=lambda a: abs(a - 0.5))
 
 
 @register
@@ -17,28 +23,37 @@ class WiseFT(Recipe):
     per_need = True
 
     @staticmethod
-    def cook(k, params, cooked):
-        zero = k.load(k.pretrained)
-        alphas = sorted(params["wise_ft_alphas"])
-        mid = min(alphas, key=lambda a: abs(a - 0.5))  # the recommended alpha, or the nearest on the grid
+    def plan(k, params, cooked):
+        bases = [n for n in WiseFT.needs if n in cooked]  # per_need: a part may get one base
+        mid = middle(params["wise_ft_alphas"])
+        candidates = [{"base": base, "alpha": alpha, "mid": alpha == mid,
+                       # a model's own weights (an end point of one ingredient) keep its BatchNorm statistics
+                       "mixed": 0 < alpha < 1 or (alpha == 1 and len(cooked[base].parents) > 1),
+                       # the curve on the held-out split only, unless k.full_curves; the stored point on all
+                       "every_set": k.full_curves or alpha == mid}
+                      for base in bases for alpha in sorted(params["wise_ft_alphas"])]
+        # the bases' weights come on the CPU (a cooked dish's, see cook_one)
+        return Plan(candidates, {"zero": k.load(k.pretrained),
+                                 **{base: to_device(cooked[base].weights, k.device) for base in bases}})
+
+    @staticmethod
+    def evaluate(k, shared, c):
+        state = merge.interpolate(shared["zero"], shared[c["base"]], c["alpha"])
+        if not c["every_set"]:
+            return {"metrics": k.evaluate(state, [k.data.val], soup=c["mixed"])}
+        verdict = k.judge(state, soup=c["mixed"])
+        return {"metrics": verdict.metrics, "correct": verdict.correct, "state": state if c["mid"] else None}
+
+    @staticmethod
+    def serve(k, params, cooked, plan, results):
         dishes = []
-        for base_name in [n for n in WiseFT.needs if n in cooked]:  # per_need: a part may get one base
+        for base_name in dict.fromkeys(c["base"] for c in plan.candidates):
             base = cooked[base_name]
-            curve, mid_state, mid_correct = [], None, {}
-            for alpha in alphas:
-                state = merge.interpolate(zero, base.weights, alpha)
-                mixed = 0 < alpha < 1 or (alpha == 1 and len(base.parents) > 1)  # else one model's own weights
-                if not (k.full_curves or alpha == mid):  # the curve on the held-out split only
-                    curve.append({"alpha": alpha, "val_acc": k.evaluate(state, [k.data.val], soup=mixed)["val_acc"]})
-                    continue
-                verdict = k.judge(state, soup=mixed)
-                curve.append({"alpha": alpha, **verdict.metrics})
-                if alpha == mid:
-                    mid_state, mid_correct = state, verdict.correct
-            point = next(c for c in curve if c["alpha"] == mid)
-            dishes.append(Dish("wise_ft", f"{WiseFT.label} {base.label.split(' (')[0]} a={mid:g}",
-                               {m: v for m, v in point.items() if m != "alpha"},
-                               [k.pretrained["id"], *base.parents], mid_state,
-                               params={"alpha": mid, "base": base_name}, curve=curve,
-                               name=f"wise_ft_{base_name}", correct=mid_correct))
+            mine = [(c, r) for c, r in zip(plan.candidates, results) if c["base"] == base_name]
+            c, point = next((c, r) for c, r in mine if c["mid"])
+            dishes.append(Dish("wise_ft", f"{WiseFT.label} {base.label.split(' (')[0]} a={c['alpha']:g}",
+                               point["metrics"], [k.pretrained["id"], *base.parents], point["state"],
+                               params={"alpha": c["alpha"], "base": base_name},
+                               curve=[{"alpha": c["alpha"], **r["metrics"]} for c, r in mine],
+                               name=f"wise_ft_{base_name}", correct=point["correct"]))
         return dishes
