@@ -1,7 +1,8 @@
 """Benchmark: FTFT on the embedded default task, every arm measured in one run each.
 
-Four soup sweeps on one pool, each a `python -m orchestrator.soup_sweep` process as a user
-runs it (presets of orchestrator/configs/glyphs_soup.yaml):
+Four soup sweeps on one pool, each the soup sweep's `main` with the arguments a user gives
+`python -m orchestrator.soup_sweep` (presets of orchestrator/configs/glyphs_soup.yaml), all
+in this process, so Ray starts once (the first arm's wall time includes it):
 
   reference   --preset ftft_reference: a narrower CNN (width 16), 8 trials; its training
               dynamics are recorded into the pool
@@ -41,20 +42,25 @@ def parse_args(argv=None):
 
 
 def run_arm(folder: str, preset: str, args) -> float:
-    import subprocess
+    import contextlib
 
-    cmd = [sys.executable, "-m", "orchestrator.soup_sweep", "--preset", preset, "--pool", "pool",
-           "--tracking-uri", f"sqlite:///{folder}/mlflow.db", "--storage", f"{folder}/ray_results",
-           *common.soup_overrides(args), "soup.recipes=[best_individual, greedy_soup]", "cook.workers=0"]
+    from orchestrator.soup.sweep import main as sweep
+
+    argv = ["--preset", preset, "--pool", os.path.join(folder, "pool"),
+            "--tracking-uri", f"sqlite:///{folder}/mlflow.db", "--storage", os.path.join(folder, "ray_results"),
+            "--log-dir", os.path.join(folder, "logs"),
+            *common.soup_overrides(args), "soup.recipes=[best_individual, greedy_soup]", "cook.workers=0"]
     if args.tiny:
-        cmd += ["--num-samples", "2"]
+        argv += ["--num-samples", "2"]
     elif args.num_samples and preset != "ftft_reference":
-        cmd += ["--num-samples", str(args.num_samples)]
+        argv += ["--num-samples", str(args.num_samples)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=folder, env=common.child_env(), capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-        raise SystemExit(f"bench_ftft: the {preset} sweep failed (exit {proc.returncode})")
+    log = os.path.join(folder, f"{preset}.out")
+    with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = sweep(argv)
+    if code != 0:
+        sys.stderr.write(open(log).read()[-6000:])
+        raise SystemExit(f"bench_ftft: the {preset} sweep failed (exit {code})")
     return time.perf_counter() - t0
 
 
@@ -78,6 +84,7 @@ def main(argv=None) -> int:
     from orchestrator.common.pool import Pool
     from orchestrator.soup.config import load_config
 
+    os.environ.pop("RAY_ADDRESS", None)  # the sweeps start a Ray of their own, never attach to someone's cluster
     sweeps = {name: load_config(None, [], preset)["sweep"] for name, preset in ARMS}
     print(f"bench_ftft: 4 sweeps on one pool{' (--tiny task)' if args.tiny else ''}; load {common.load():.2f}",
           flush=True)

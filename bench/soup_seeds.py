@@ -27,7 +27,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: `bench`
 from bench import common  # noqa: E402
 
-TINY = ["--num-samples", "2", *common.TINY_TASK]
+# tiny: the dishes the test reads, cooked in the driver (no actors to start)
+TINY = ["--num-samples", "2", *common.TINY_TASK, "soup.recipes=[zero_shot, greedy_soup, wise_ft]", "cook.workers=0"]
 METRICS = ("val_acc", "id_acc", "ood_acc", "acc_ood_fonts")
 
 

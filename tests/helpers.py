@@ -26,11 +26,14 @@ TWO_EPOCHS = [*TINY_TASK, "hyperparameters.epochs=2", "soup.wise_ft_alphas=[0.5]
               "soup.task_arithmetic_lambdas=[0.1]", "soup.ties_lambdas=[1.0]", "soup.fisher_examples=32"]
 
 
-def sweep_cmd(root, sweep, n, *more, pool=None, storage=None, uri=None):
+def sweep_cmd(root, sweep, n, *more, pool=None, storage=None, uri=None, recipes="[greedy_soup]"):
+    """A soup_sweep command line of `n` two-epoch trials of the tiny task. `recipes`: the
+    soup.recipes it cooks (None: every default one); tests of training and faults cook only
+    the greedy soup (and the best individual it needs): publishing a dish costs seconds."""
     return [sys.executable, "-m", "orchestrator.soup_sweep", "--pool", pool or str(root / "pool"),
             "--tracking-uri", uri or f"sqlite:///{root}/mlflow.db", "--storage", storage or str(root / "ray_results"),
             "--num-samples", str(n), "--verbose",  # the trials' own output too: what the fault tests read
-            f"sweep={sweep}", *TWO_EPOCHS, *more]
+            f"sweep={sweep}", *TWO_EPOCHS, *([f"soup.recipes={recipes}"] if recipes else []), *more]
 
 
 def start(cmd, root, log="sweep.log", **env):

@@ -273,6 +273,8 @@ def cook_on_ray(spec: KitchenSpec, data: TaskData, names: list[str], settings: d
                 pending.append(Unit(unit.name, unit.part, "serve"))
         else:
             served[key], took = value
+            if unit.stage == "serve":  # the plan's shared value and the results may leave the object store
+                plans.pop(key), results.pop(key)
         seconds[unit.name] += took
         ran_on[unit.name].add(cook)
         if unit.stage in ("cook", "serve") and all((unit.name, p) in served for p in parts[unit.name]):

@@ -36,7 +36,7 @@ def test_sweep_on_s3_checkpoints_resumes_and_cooks_from_there(s3, tmp_path):
     pool_uri, storage = f"s3://orch/pool?{options}", f"s3://orch/tune?{options}"
     markers = tmp_path / "crashed"
     markers.mkdir()
-    cmd = sweep_cmd(tmp_path, "remote", 2, pool=pool_uri, storage=storage)
+    cmd = sweep_cmd(tmp_path, "remote", 2, pool=pool_uri, storage=storage, recipes=None)
     code, log = finish(start(cmd, tmp_path, ORCHESTRATOR_TEST_CRASH=f"1:raise:{markers}", **CREDENTIALS), tmp_path)
     assert code == 0, log[-3000:]
     assert log.count("resuming after epoch 1 from its checkpoint") == 2  # restored from S3
