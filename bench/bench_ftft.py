@@ -56,7 +56,9 @@ def run_arm(folder: str, preset: str, args) -> float:
         argv += ["--num-samples", str(args.num_samples)]
     t0 = time.perf_counter()
     log = os.path.join(folder, f"{preset}.out")
-    with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+    # in the folder: MLflow puts a sqlite store's artifacts under ./mlruns
+    with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), \
+            contextlib.chdir(folder):
         code = sweep(argv)
     if code != 0:
         sys.stderr.write(open(log).read()[-6000:])
