@@ -216,8 +216,7 @@ def cook_on_ray(spec: KitchenSpec, data: TaskData, names: list[str], settings: d
     order = ordered(names)
     # a recipe's parts: one per need of a recipe that cooks each need on its own (WiSE-FT's curve
     # from the best individual need not wait for the greedy soup), else one
-    parts = {name: [need for need in (RECIPES[name].needs if RECIPES[name].per_need else [None])]
-             for name in order}
+    parts = {name: list(RECIPES[name].needs) if RECIPES[name].per_need else [None] for name in order}
     # a restarted actor (its node lost) gets its unit again: cooking has no side effects
     actor = ray.remote(Cook).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"], max_restarts=2,
                                      max_task_retries=2, max_concurrency=2)
@@ -267,9 +266,9 @@ def cook_on_ray(spec: KitchenSpec, data: TaskData, names: list[str], settings: d
                 pending.append(Unit(unit.name, unit.part, "serve"))
         elif unit.stage == "evaluate":
             took = value
-            evaluated = {u.index for u in pending + [r[0] for r in running.values()]
-                         if (u.name, u.part, u.stage) == (*key, "evaluate")}
-            if not evaluated:
+            left = [u for u in pending + [u for u, _ in running.values()]
+                    if (u.name, u.part, u.stage) == (*key, "evaluate")]
+            if not left:  # the last of the part's evaluations
                 pending.append(Unit(unit.name, unit.part, "serve"))
         else:
             served[key], took = value
