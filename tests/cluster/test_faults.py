@@ -136,7 +136,10 @@ def test_mlflow_down_mid_sweep_then_sync_mlflow_replays_the_pool(tmp_path):
         kill_group(server)
     assert first.returncode == 0 and "replayed" in first.stdout, first.stderr
     replayed = int(re.search(r"replayed (\d+) ingredients", first.stdout).group(1))
-    assert 1 <= replayed <= 2  # the first trial reached MLflow before the outage
+    # the first trial's run reached MLflow before the outage, but maybe not its end: the driver
+    # closes a run after the trial's pool row is written, and the server may die in between;
+    # the replay then completes that run (each trial still has one run: `tagged` below)
+    assert 1 <= replayed <= 3
     assert second.returncode == 0 and "replayed 0 ingredients" in second.stdout  # idempotent
     assert sorted(tagged) == sorted(trials["id"])  # every trial exactly once in MLflow
     assert all(epochs[t] == [1, 2] for t in trials["id"])  # with its per-epoch history
