@@ -26,7 +26,7 @@ from typing import Any, Callable, TextIO
 
 from orchestrator.common.pool import Pool
 from orchestrator.soup.kitchen import Dish, Kitchen
-from orchestrator.soup.recipes import RECIPES, Plan, cook_one, on_cpu, ordered, recipe_params, to_device
+from orchestrator.soup.recipes import RECIPES, Plan, cook_one, on_cpu, ordered, recipe_params, tensors_to
 from orchestrator.soup.tasks import TASKS
 from orchestrator.soup.tasks.base import TaskData
 
@@ -140,7 +140,7 @@ class Cook:
         if key not in self.shared:
             if len(self.shared) >= 2:
                 self.shared.pop(next(iter(self.shared)))
-            self.shared[key] = to_device(ray.get(box[0]), self.kitchen.device)
+            self.shared[key] = tensors_to(ray.get(box[0]), self.kitchen.device)
         return self.shared[key]
 
     def cook(self, data: list, name: str, settings: dict[str, Any],
@@ -154,14 +154,14 @@ class Cook:
         """Two returns: (the candidates, seconds) for the driver, the shared value for the workers."""
         t0 = time.time()
         plan = RECIPES[name].plan(self._kitchen(data), recipe_params(name, settings), needed)
-        return (plan.candidates, time.time() - t0), to_device(plan.shared, "cpu")
+        return (plan.candidates, time.time() - t0), tensors_to(plan.shared, "cpu")
 
     def evaluate(self, data: list, name: str, box: list, candidate: Any) -> tuple[float, Any]:
         """Two returns: seconds for the driver, the result for the serve."""
         t0 = time.time()
         kitchen = self._kitchen(data)
         result = RECIPES[name].evaluate(kitchen, self._shared(box), candidate)
-        return time.time() - t0, to_device(result, "cpu")
+        return time.time() - t0, tensors_to(result, "cpu")
 
     def serve(self, data: list, name: str, settings: dict[str, Any], needed: dict[str, Dish], box: list,
               candidates: list, *results: Any) -> tuple[list[Dish], float]:

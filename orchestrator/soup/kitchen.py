@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -183,19 +183,6 @@ class Kitchen:
 
     def val_acc(self, state: StateDict) -> float:
         return self.evaluate(state, [self.data.val])["val_acc"]
-
-    def pick_on_val(self, candidates: Iterable[tuple[float, StateDict]]) -> tuple[float, StateDict, list[dict]]:
-        """The (x, weights) candidate with the best held-out accuracy (the first of equals),
-        and every candidate's score; holds one candidate besides the best."""
-        best, trace = None, []
-        for x, state in candidates:
-            score = self.val_acc(state)
-            trace.append({"x": x, "val_acc": score})
-            if best is None or score > best[2]:
-                best = (x, state, score)
-        if best is None:
-            raise ValueError("no candidates to pick from")
-        return best[0], best[1], trace
 
 
 def check_cookable(kitchen: Kitchen) -> None:

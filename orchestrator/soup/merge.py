@@ -109,26 +109,14 @@ def greedy_soup(
 
 
 def sum_logits(logits: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Per eval set, the sum of every member's logits, added in order."""
+    """Output ensemble: per eval set, the sum of every member's logits, added in order (the
+    ensemble recipe divides by the number of members)."""
     total = None
     for member in logits:
         total = {k: v.clone() for k, v in member.items()} if total is None else {k: total[k] + v for k, v in member.items()}
     if total is None:
         raise ValueError("ensemble of no members")
     return total
-
-
-def mean_logits(logits: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Output ensemble: per eval set, the mean of every member's logits."""
-    n = 0
-
-    def counted():
-        nonlocal n
-        for member in logits:
-            n += 1
-            yield member
-
-    return {k: v / n for k, v in sum_logits(counted()).items()}
 
 
 def fisher_average(items: Sequence[T], load: Callable[[T], StateDict], load_fisher: Callable[[T], StateDict],

@@ -35,11 +35,12 @@ def test_bf16_autocast_trains_and_evaluates():
 
 
 @pytest.mark.slow
-def test_data_parallel_trial_resumes_after_a_crash(tmp_path, rank=1):
+def test_data_parallel_trial_resumes_after_a_crash(tmp_path):
     """Two gloo workers per trial (0.5 CPU each); one rank raises once after epoch 1: Tune
     retries the trial, whose TorchTrainer (same name) resumes from its epoch-1 checkpoint.
     Rank 1, not rank 0: the rank that reports and checkpoints must notice another's crash
     (a crash of rank 0 itself takes the same path, without that; ORCHESTRATOR_TEST_CRASH_RANK=0)."""
+    rank = 1
     markers = tmp_path / "crashed"
     markers.mkdir()
     cmd = sweep_cmd(tmp_path, "ddp", 1, "resources={cpu: 0.5, gpu: 0, workers: 2}", "precision=fp32")

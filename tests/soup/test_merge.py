@@ -7,7 +7,7 @@ import weakref
 import pytest
 import torch
 
-from orchestrator.soup.merge import greedy_soup, interpolate, mean_logits, uniform_soup
+from orchestrator.soup.merge import greedy_soup, interpolate, sum_logits, uniform_soup
 
 
 def make_state(seed: int, steps: int | None = None) -> dict[str, torch.Tensor]:
@@ -287,22 +287,23 @@ def test_greedy_soup_rejects_mismatched_ingredient():
 # -- output ensemble -------------------------------------------------------------------------
 
 
-def test_mean_logits_per_key():
+def test_sum_logits_per_key():
     members = [
         {"val": torch.tensor([[1.0, 2.0]]), "ood": torch.tensor([[0.0, 3.0], [6.0, 0.0]])},
         {"val": torch.tensor([[3.0, 4.0]]), "ood": torch.tensor([[3.0, 3.0], [0.0, 0.0]])},
         {"val": torch.tensor([[5.0, 0.0]]), "ood": torch.tensor([[0.0, 3.0], [3.0, 3.0]])},
     ]
-    out = mean_logits(iter(members))
+    out = sum_logits(iter(members))
     assert set(out) == {"val", "ood"}
-    torch.testing.assert_close(out["val"], torch.tensor([[3.0, 2.0]]))
-    torch.testing.assert_close(out["ood"], torch.tensor([[1.0, 3.0], [3.0, 1.0]]))
+    torch.testing.assert_close(out["val"], torch.tensor([[9.0, 6.0]]))
+    torch.testing.assert_close(out["ood"], torch.tensor([[3.0, 9.0], [9.0, 3.0]]))
     # the inputs are left untouched
     assert torch.equal(members[0]["val"], torch.tensor([[1.0, 2.0]]))
 
 
-def test_mean_logits_single_member_and_empty():
+def test_sum_logits_single_member_is_a_copy_and_empty_raises():
     x = {"val": torch.randn(4, 3)}
-    torch.testing.assert_close(mean_logits([x])["val"], x["val"])
+    out = sum_logits([x])
+    assert torch.equal(out["val"], x["val"]) and out["val"] is not x["val"]
     with pytest.raises(ValueError):
-        mean_logits([])
+        sum_logits([])

@@ -207,7 +207,7 @@ def on_cpu(dishes: list[Dish]) -> list[Dish]:
     return dishes
 
 
-def to_device(value: Any, device) -> Any:
+def tensors_to(value: Any, device) -> Any:
     """`value` with every tensor in it (in dicts, lists and tuples) on `device`: what a plan
     shares and an evaluation returns travel between Ray workers on the CPU."""
     import torch
@@ -215,9 +215,9 @@ def to_device(value: Any, device) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach().to(device)
     if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
+        return {k: tensors_to(v, device) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(to_device(v, device) for v in value)
+        return type(value)(tensors_to(v, device) for v in value)
     return value
 
 

@@ -4,7 +4,7 @@ Each (base, alpha) point of the curves is one candidate, evaluated on its own.""
 
 from orchestrator.soup import merge
 from orchestrator.soup.kitchen import Dish
-from orchestrator.soup.recipes import Param, Plan, Recipe, grid_rule, register, to_device
+from orchestrator.soup.recipes import Param, Plan, Recipe, grid_rule, register, tensors_to
 
 
 def middle(alphas) -> float:
@@ -34,7 +34,7 @@ class WiseFT(Recipe):
                       for base in bases for alpha in sorted(params["wise_ft_alphas"])]
         # the bases' weights come on the CPU (a cooked dish's, see cook_one)
         return Plan(candidates, {"zero": k.load(k.pretrained),
-                                 **{base: to_device(cooked[base].weights, k.device) for base in bases}})
+                                 **{base: tensors_to(cooked[base].weights, k.device) for base in bases}})
 
     @staticmethod
     def evaluate(k, shared, c):
