@@ -11,3 +11,7 @@ class ConfigError(UserError):
 
 class PoolError(UserError):
     pass
+
+
+class MergeError(UserError):
+    """Ingredients that cannot be merged (names, shapes, dtypes), or a bad merge setting."""

@@ -17,7 +17,10 @@ import torch
 
 from orchestrator.common.errors import PoolError
 from orchestrator.common.pool import Pool
-from orchestrator.common.weights import StateDict, arch_fingerprint
+from orchestrator.common.weights import StateDict, arch_fingerprint, spec_fingerprint
+from orchestrator.merging import executor
+from orchestrator.merging.executor import Merged
+from orchestrator.merging.sources import FileSource, Source, specs
 from orchestrator.soup.tasks.base import Task, TaskData
 from orchestrator.soup.train import (batchnorm_buffers, device, load_into, predict_logits, recompute_batchnorm,
                                      summarize)
@@ -110,6 +113,7 @@ class Kitchen:
         fishers = df[(df["kind"] == "fisher") & (df["status"] == "ok")].to_dict("records")
         self.fishers = {r["parents"][0]: r for r in fishers if len(r["parents"])}
         self._loadable = None
+        self._sources: dict[str, FileSource] = {}
         self.evaluations = 0  # models evaluated on one eval set each: what cooking progress counts
 
     def compatible(self, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -144,14 +148,47 @@ class Kitchen:
         return self._loadable
 
     def load(self, row: dict[str, Any]) -> StateDict:
+        """An ingredient's whole state dict, on the device (to evaluate it as it is)."""
         state = self.pool.load(row)
         if arch_fingerprint(state) != self.arch:
             raise ValueError(f"ingredient {row['id']}: weights do not match its architecture fingerprint")
         return {k: v.to(self.device) for k, v in state.items()}
 
-    def load_fisher(self, row: dict[str, Any]) -> StateDict:
-        """An ingredient's diagonal Fisher, on the device."""
-        return {k: v.to(self.device) for k, v in self.pool.load(self.fishers[row["id"]]).items()}
+    def source(self, row: dict[str, Any]) -> FileSource:
+        """An ingredient's weights for the merge engine, which reads them one tensor at a time
+        from the pool's verified file (a download, on an object store)."""
+        if row["id"] not in self._sources:
+            src = FileSource(self.pool.local_weights(row), label=row["id"])
+            if spec_fingerprint(specs(src)) != self.arch:
+                raise ValueError(f"ingredient {row['id']}: weights do not match its architecture fingerprint")
+            self._sources[row["id"]] = src
+        return self._sources[row["id"]]
+
+    def fisher_source(self, row: dict[str, Any]) -> FileSource:
+        """An ingredient's diagonal Fisher (a pool row of its own), for the merge engine."""
+        fisher = self.fishers[row["id"]]
+        if fisher["id"] not in self._sources:
+            self._sources[fisher["id"]] = FileSource(self.pool.local_weights(fisher), label=fisher["id"])
+        return self._sources[fisher["id"]]
+
+    def merge(self, method: str, items: list[dict[str, Any] | Source], params: dict[str, Any] | None = None,
+              side: dict[str, list[Source]] | None = None) -> Merged:
+        """`method` (merging/methods/) over ingredients (pool rows, or sources such as a cooked
+        dish's weights) with theta_0 as the base, on the kitchen's device."""
+        return executor.merge(method, self._sources_of(items), base=self.source(self.pretrained), params=params,
+                              side=side, device=self.device)
+
+    def merge_delta(self, method: str, rows: list[dict[str, Any]], params: dict[str, Any] | None = None) -> StateDict:
+        """The combined task vector of a task-arithmetic-like method: a lambda search scales it."""
+        return executor.merge_delta(method, self._sources_of(rows), base=self.source(self.pretrained), params=params,
+                                    device=self.device)
+
+    def apply_delta(self, delta: StateDict, scale: float) -> StateDict:
+        """theta_0 + scale * delta, on the device."""
+        return executor.apply_delta(self.source(self.pretrained), delta, scale, self.device)
+
+    def _sources_of(self, items) -> list[Source]:
+        return [self.source(i) if isinstance(i, dict) else i for i in items]
 
     def evaluate(self, state: StateDict, sets: list[str] | None = None, soup: bool = True) -> dict[str, float]:
         """Accuracy on the named eval sets (default all). Averaged weights (`soup`) of a model

@@ -13,7 +13,8 @@ import torch
 
 from orchestrator.common.pool import Pool, Row
 from orchestrator.common.weights import arch_fingerprint
-from orchestrator.soup import merge
+from orchestrator.merging import executor
+from orchestrator.merging.sources import StateSource
 from orchestrator.soup.config import load_config, make_task
 from orchestrator.soup.kitchen import Kitchen
 from orchestrator.soup.recipes import cook
@@ -74,7 +75,7 @@ def test_the_planted_tie_is_a_tie(hand_pool):
     k = kitchen(hand_pool)
     a, near = (next(r for r in k.loadable() if r["id"] == i) for i in ("a", "near-a"))
     assert a["metrics"]["val_acc"] == near["metrics"]["val_acc"]
-    assert k.val_acc(merge.uniform_soup([k.load(a), k.load(near)])) == a["metrics"]["val_acc"]
+    assert k.val_acc(k.merge("linear", [a, near]).state) == a["metrics"]["val_acc"]
     assert [r["id"] for r in k.loadable()][:2] == ["a", "near-a"]  # best first, ties by id: the tie comes second
 
 
@@ -116,7 +117,9 @@ def test_wise_ft_runs_from_the_start_point_to_the_fine_tune_and_stores_the_point
     assert point[0.0] == dishes["zero_shot"].metrics  # alpha 0: the pretrained weights
     assert point[1.0] == k.evaluate(dict(weights["a"]), soup=False)  # alpha 1: the best individual's own
     assert wise.params["alpha"] == 0.6 and wise.metrics == point[0.6]  # 0.6 is nearer 0.5 than 0.3
-    assert all(torch.equal(wise.weights[n], merge.interpolate(zero, weights["a"], 0.6)[n]) for n in zero)
+    mixed = executor.merge("linear", [StateSource(zero), StateSource(weights["a"])],
+                           params={"weights": [0.4, 0.6], "normalize": False}).state  # 0.4 theta_0 + 0.6 theta_a, in float32
+    assert all(torch.equal(wise.weights[n], mixed[n]) for n in zero)
     assert wise.parents == [task.pretrained_id(), "a"]
 
 

@@ -1,9 +1,9 @@
 """DARE (Yu et al., ICML 2024): drop each task-vector entry with probability p and rescale
 the survivors, then merge by TIES (sign election and disjoint mean, DARE's drop in place of
 TIES's trim, as mergekit's dare_ties) or by task arithmetic, with those recipes' lambda
-grids. Seeded, so a cooked merge reproduces."""
+grids. Seeded by (seed, ingredient, tensor) through a hash computed on the cooking device, so
+a cooked merge reproduces and is the same on a CPU or a GPU (merging/sparsify.py)."""
 
-from orchestrator.soup import task_vectors
 from orchestrator.soup.kitchen import Dish
 from orchestrator.soup.recipes import Marker, Param, Recipe, register
 from orchestrator.soup.recipes import task_arithmetic, ties
@@ -29,14 +29,10 @@ class Dare(Recipe):
 
     @staticmethod
     def plan(k, params, cooked):
-        rows = k.loadable()
-        zero = k.load(k.pretrained)
-        drop = task_vectors.random_drop(params["dare_p"], params["dare_seed"], params["dare_rescale"])
-        if params["dare_merge"] == "ties":
-            return task_arithmetic.scale_plan(zero, task_vectors.ties_delta(zero, rows, k.load, drop),
-                                              params["ties_lambdas"])
-        return task_arithmetic.scale_plan(zero, task_vectors.sum_task_vectors(zero, rows, k.load, drop),
-                                          params["task_arithmetic_lambdas"])
+        drop = {"p": params["dare_p"], "seed": params["dare_seed"], "rescale": params["dare_rescale"]}
+        ties_merge = params["dare_merge"] == "ties"
+        delta = k.merge_delta("dare_ties" if ties_merge else "dare_linear", k.loadable(), drop)
+        return task_arithmetic.scale_plan(delta, params["ties_lambdas" if ties_merge else "task_arithmetic_lambdas"])
 
     evaluate = staticmethod(task_arithmetic.scale_evaluate)  # each lambda on the held-out split
 

@@ -6,13 +6,26 @@ groups, each group one evaluation that returns the sum of its members' logits, s
 than `GROUPS` sets of logits are ever held at once, however many members there are."""
 
 import math
+from typing import Iterable
 
-from orchestrator.soup import merge
+import torch
+
 from orchestrator.soup.kitchen import Dish
 from orchestrator.soup.recipes import Marker, Plan, Recipe, register
 from orchestrator.soup.train import load_into
 
 GROUPS = 8
+
+
+def sum_logits(logits: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per eval set, the sum of every member's logits, added in order (serve divides by the
+    number of members)."""
+    total = None
+    for member in logits:
+        total = {k: v.clone() for k, v in member.items()} if total is None else {k: total[k] + v for k, v in member.items()}
+    if total is None:
+        raise ValueError("ensemble of no members")
+    return total
 
 
 @register
@@ -32,12 +45,12 @@ class Ensemble(Recipe):
             load_into(k.model, k.load(row))
             return {n: k.logits(n) for n in k.data.evals}
 
-        return merge.sum_logits(member_logits(row) for row in members)
+        return sum_logits(member_logits(row) for row in members)
 
     @staticmethod
     def serve(k, params, cooked, plan, results):
         rows = [row for group in plan.candidates for row in group]
-        total = merge.sum_logits(results)
+        total = sum_logits(results)
         verdict = k.verdict({n: logits / len(rows) for n, logits in total.items()})
         return [Dish("ensemble", f"{Ensemble.label} ({len(rows)} models)", verdict.metrics,
                      [r["id"] for r in rows], params={"n_ingredients": len(rows)}, correct=verdict.correct)]

@@ -5,7 +5,6 @@ older pool, or soup.fisher_examples: 0) are left out of this recipe with one lin
 
 import logging
 
-from orchestrator.soup import merge
 from orchestrator.soup.fisher import FLOOR
 from orchestrator.soup.kitchen import Dish
 from orchestrator.soup.recipes import Marker, Param, Recipe, register
@@ -39,7 +38,8 @@ class Fisher(Recipe):
         if len(with_fisher) < len(rows):
             log.warning("fisher: left out %d of %d ingredients with no Fisher in the pool: %s", len(rows) - len(with_fisher),
                         len(rows), ", ".join(r["id"] for r in rows if r["id"] not in k.fishers))
-        state = merge.fisher_average(with_fisher, k.load, k.load_fisher, FLOOR, params["fisher_normalize"])
+        state = k.merge("fisher", with_fisher, {"floor": FLOOR, "normalize": params["fisher_normalize"]},
+                        side={"fisher": [k.fisher_source(r) for r in with_fisher]}).state
         verdict = k.judge(state)
         examples = sorted({k.fishers[r["id"]]["hparams"].get("examples") for r in with_fisher})
         return [Dish("fisher", f"{Fisher.label} ({len(with_fisher)} models)", verdict.metrics,

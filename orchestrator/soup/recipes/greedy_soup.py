@@ -1,7 +1,9 @@
 """Greedy soup (Wortsman et al. 2022, recipe 1): add ingredients best first, keeping each
-one only if held-out accuracy does not drop (`>=`, the paper) or rises (`>`, the reference code)."""
+one only if held-out accuracy does not drop (`>=`, the paper) or rises (`>`, the reference code).
+The loop runs on the merge engine (merging/greedy.py): a float32 running sum of the kept
+ingredients, each candidate read tensor by tensor from the pool."""
 
-from orchestrator.soup import merge
+from orchestrator.merging import greedy
 from orchestrator.soup.kitchen import Dish
 from orchestrator.soup.recipes import Marker, Param, Recipe, register
 
@@ -19,7 +21,8 @@ class GreedySoup(Recipe):
     def cook(k, params, cooked):
         rows = k.loadable()
         accept = params["greedy_accept"]
-        result = merge.greedy_soup(rows, k.load, k.val_acc, accept=accept, first_score=rows[0]["metrics"]["val_acc"])
+        result = greedy.greedy_soup(rows, k.source, k.val_acc, accept=accept, first_score=rows[0]["metrics"]["val_acc"],
+                                    device=k.device)
         trace = [{"id": s.ingredient["id"], "val_acc": s.score, "accepted": s.accepted} for s in result.steps]
         # a soup of one is the best individual itself, BatchNorm statistics included
         verdict = k.judge(result.state, soup=len(result.kept) > 1)

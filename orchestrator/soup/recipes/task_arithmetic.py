@@ -3,9 +3,10 @@
 pulls towards theta_0 as WiSE-FT does, larger extrapolates along the fine-tunes' mean.
 
 The lambda grid is shared with TIES and DARE (`scale_plan`, `scale_evaluate`, `pick_scale`):
-each lambda is one candidate, evaluated on its own (on Ray, wherever a worker is free)."""
+each lambda is one candidate, evaluated on its own (on Ray, wherever a worker is free). The
+combined task vector is made once by the merge engine (Kitchen.merge_delta) and shared; each
+candidate is theta_0 (read from the pool tensor by tensor) + lambda * it."""
 
-from orchestrator.soup import task_vectors
 from orchestrator.soup.kitchen import Dish
 from orchestrator.soup.recipes import Plan, Param, Recipe, grid_rule, register
 
@@ -14,14 +15,14 @@ LAMBDAS = Param("task_arithmetic_lambdas", list, [0.01, 0.02, 0.04, 0.06, 0.08, 
                 "held-out accuracy is the dish", grid_rule("lambda", 0))
 
 
-def scale_plan(zero, delta, lambdas, every_set: bool = False) -> Plan:
+def scale_plan(delta, lambdas, every_set: bool = False) -> Plan:
     """One candidate per lambda (ascending): theta_0 + lambda * delta, measured on the held-out
     split, or on every eval set (`every_set`: a curve for the plot)."""
-    return Plan([{"lambda": lam, "every_set": every_set} for lam in sorted(lambdas)], {"zero": zero, "delta": delta})
+    return Plan([{"lambda": lam, "every_set": every_set} for lam in sorted(lambdas)], {"delta": delta})
 
 
 def scale_evaluate(k, shared, candidate) -> dict[str, float]:
-    state = task_vectors.apply(shared["zero"], shared["delta"], candidate["lambda"])
+    state = k.apply_delta(shared["delta"], candidate["lambda"])
     if candidate["every_set"]:
         return k.judge(state).metrics
     return {"val_acc": k.val_acc(state)}
@@ -32,7 +33,7 @@ def pick_scale(k, plan: Plan, results):
     every eval set: (lambda, weights, verdict, every lambda's held-out accuracy)."""
     trace = [{"x": c["lambda"], "val_acc": r["val_acc"]} for c, r in zip(plan.candidates, results)]
     lam = max(trace, key=lambda t: t["val_acc"])["x"]  # max keeps the first of equals
-    state = task_vectors.apply(plan.shared["zero"], plan.shared["delta"], lam)
+    state = k.apply_delta(plan.shared["delta"], lam)
     return lam, state, k.judge(state), trace
 
 
@@ -45,10 +46,8 @@ class TaskArithmetic(Recipe):
 
     @staticmethod
     def plan(k, params, cooked):
-        rows = k.loadable()
-        zero = k.load(k.pretrained)
         # k.full_curves: every lambda on every eval set, the curve on the plot; else the held-out split only
-        return scale_plan(zero, task_vectors.sum_task_vectors(zero, rows, k.load), params["task_arithmetic_lambdas"],
+        return scale_plan(k.merge_delta("task_arithmetic", k.loadable()), params["task_arithmetic_lambdas"],
                           every_set=k.full_curves)
 
     evaluate = staticmethod(scale_evaluate)

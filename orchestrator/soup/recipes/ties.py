@@ -1,8 +1,8 @@
-"""TIES merging (Yadav et al., NeurIPS 2023): trim each task vector to its largest entries,
+"""TIES merging (Yadav et al., NeurIPS 2023): trim each task vector to its largest entries
+(exactly max(1, int(k n)) per tensor, equal magnitudes at the cut kept lowest index first),
 elect a sign per entry, average only the entries that agree, scale by lambda (picked on
-the held-out split) and add to theta_0."""
+the held-out split) and add to theta_0. The math is the merge engine's `ties`."""
 
-from orchestrator.soup import task_vectors
 from orchestrator.soup.kitchen import Dish
 from orchestrator.soup.recipes import Marker, Param, Recipe, grid_rule, register
 from orchestrator.soup.recipes.task_arithmetic import pick_scale, scale_evaluate, scale_plan
@@ -10,6 +10,9 @@ from orchestrator.soup.recipes.task_arithmetic import pick_scale, scale_evaluate
 LAMBDAS = Param("ties_lambdas", list, [0.5, 0.75, 1.0, 1.5, 2.0],
                 "lambdas on the merged task vector (a mean, so 1 is the natural scale; the paper searches "
                 "0.8..2.5); picked on held-out", grid_rule("lambda", 0))
+
+
+KEEP_RULE = "exactly max(1, int(k n)) per trim scope, equal magnitudes at the cut lowest index first"
 
 
 @register
@@ -28,10 +31,8 @@ class Ties(Recipe):
 
     @staticmethod
     def plan(k, params, cooked):
-        rows = k.loadable()
-        zero = k.load(k.pretrained)
-        trim = task_vectors.magnitude_trim(params["ties_k"], params["ties_trim"])
-        return scale_plan(zero, task_vectors.ties_delta(zero, rows, k.load, trim), params["ties_lambdas"])
+        delta = k.merge_delta("ties", k.loadable(), {"k": params["ties_k"], "scope": params["ties_trim"]})
+        return scale_plan(delta, params["ties_lambdas"])
 
     evaluate = staticmethod(scale_evaluate)  # each lambda on the held-out split
 
@@ -41,6 +42,6 @@ class Ties(Recipe):
         lam, state, verdict, trace = pick_scale(k, plan, results)
         return [Dish("ties", f"{Ties.label} k={params['ties_k']:g} l={lam:g}", verdict.metrics,
                      [r["id"] for r in rows], state,
-                     params={"k": params["ties_k"], "trim": params["ties_trim"], "sign_tie": "+1", "lambda": lam,
+                     params={"k": params["ties_k"], "trim": params["ties_trim"], "keep": KEEP_RULE, "sign_tie": "+1", "lambda": lam,
                              "n_ingredients": len(rows)},
                      details={"lambda_trace": trace}, correct=verdict.correct)]

@@ -1,6 +1,6 @@
-"""Uniform soup (Wortsman et al. 2022): the plain mean of every ingredient's weights."""
+"""Uniform soup (Wortsman et al. 2022): the plain mean of every ingredient's weights (the
+engine's `linear`: a float32 sum in rank order, divided once)."""
 
-from orchestrator.soup import merge
 from orchestrator.soup.kitchen import Dish
 from orchestrator.soup.recipes import Marker, Recipe, register
 
@@ -14,7 +14,7 @@ class UniformSoup(Recipe):
     @staticmethod
     def cook(k, params, cooked):
         rows = k.loadable()
-        state = merge.uniform_soup(k.load(r) for r in rows)
+        state = k.merge("linear", rows).state
         verdict = k.judge(state)
         return [Dish("uniform_soup", UniformSoup.label, verdict.metrics, [r["id"] for r in rows], state,
                      params={"n_ingredients": len(rows)}, correct=verdict.correct)]

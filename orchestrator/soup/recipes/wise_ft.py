@@ -1,8 +1,9 @@
 """WiSE-FT (Wortsman et al., CVPR 2022): interpolate from the zero-shot weights towards
 the best individual and towards the greedy soup, (1 - alpha) * zero-shot + alpha * fine-tuned.
-Each (base, alpha) point of the curves is one candidate, evaluated on its own."""
+Each (base, alpha) point of the curves is one candidate, evaluated on its own; its weights are
+the merge engine's `linear` with weights (1 - alpha, alpha), theta_0 read from the pool."""
 
-from orchestrator.soup import merge
+from orchestrator.merging.sources import StateSource
 from orchestrator.soup.kitchen import Dish
 from orchestrator.soup.recipes import Param, Plan, Recipe, grid_rule, register, tensors_to
 
@@ -10,6 +11,12 @@ from orchestrator.soup.recipes import Param, Plan, Recipe, grid_rule, register, 
 def middle(alphas) -> float:
     """The recommended alpha, 0.5, or the nearest on the grid: the point the dish stores."""
     return min(sorted(alphas), key=lambda a: abs(a - 0.5))
+
+
+def interpolate(k, fine, alpha: float):
+    """(1 - alpha) * theta_0 + alpha * fine, in float32, cast once."""
+    return k.merge("linear", [k.source(k.pretrained), StateSource(fine, "fine-tuned")],
+                   {"weights": [1 - alpha, alpha], "normalize": False}).state
 
 
 @register
@@ -33,12 +40,11 @@ class WiseFT(Recipe):
                        "every_set": k.full_curves or alpha == mid}
                       for base in bases for alpha in sorted(params["wise_ft_alphas"])]
         # the bases' weights come on the CPU (a cooked dish's, see cook_one)
-        return Plan(candidates, {"zero": k.load(k.pretrained),
-                                 **{base: tensors_to(cooked[base].weights, k.device) for base in bases}})
+        return Plan(candidates, {base: tensors_to(cooked[base].weights, k.device) for base in bases})
 
     @staticmethod
     def evaluate(k, shared, c):
-        state = merge.interpolate(shared["zero"], shared[c["base"]], c["alpha"])
+        state = interpolate(k, shared[c["base"]], c["alpha"])
         if not c["every_set"]:
             return {"metrics": k.evaluate(state, [k.data.val], soup=c["mixed"])}
         verdict = k.judge(state, soup=c["mixed"])
