@@ -16,13 +16,13 @@ and then:
                does before greedy_soup in a sweep), then one held-out evaluation with
                its peak memory measured (highest of 5): the evaluation's own working set
   greedy       the registered recipe through soup.recipes.cook(kitchen, ["greedy_soup"],
-               soup settings), as the sweep cooks it: soup.merge.greedy_soup with the
-               Kitchen's load and val_acc, then one full evaluation of the soup.
-               Timed: the merge.greedy_soup call, the time inside the held-out
-               evaluations (the val_acc score callback, wrapped), inside Kitchen.load,
-               and the recipe as a whole.
+               soup settings), as the sweep cooks it: merging.greedy.greedy_soup with the
+               Kitchen's source and val_acc, then one full evaluation of the soup.
+               Timed: the greedy_soup call, the time inside the held-out evaluations
+               (the val_acc score callback, wrapped), inside Kitchen.source (opening an
+               ingredient's file: its header), and the recipe as a whole.
 
-Peak memory: the process's peak RSS during merge.greedy_soup (VmHWM, reset just before
+Peak memory: the process's peak RSS during greedy_soup (VmHWM, reset just before
 via /proc/self/clear_refs; a 1 ms RSS sampler if that is not allowed) minus the RSS just
 before it; torch allocations are in RSS, unlike tracemalloc. glibc keeps freed memory
 resident and reuses it, which hides new allocations from RSS, so memory comes from one
@@ -95,7 +95,7 @@ def child(args) -> int:
     import torch
 
     from orchestrator.common.pool import Pool
-    from orchestrator.soup import merge
+    from orchestrator.merging import greedy
     from orchestrator.soup.config import make_task
     from orchestrator.soup.kitchen import Kitchen
     from orchestrator.soup.recipes import cook
@@ -140,7 +140,7 @@ def child(args) -> int:
         return wrapper
 
     kitchen.val_acc = timed(kitchen.val_acc, "heldout", "heldout_calls")  # the score callback
-    kitchen.load = timed(kitchen.load, "load", "load_calls")
+    kitchen.source = timed(kitchen.source, "load", "load_calls")
     evaluate = kitchen.evaluate
 
     def full_evaluate(state, sets=None, **kw):  # val_acc goes through here too, with sets=[val]: not counted twice
@@ -148,7 +148,7 @@ def child(args) -> int:
 
     kitchen.evaluate = full_evaluate
     split = {}
-    greedy_soup = merge.greedy_soup
+    greedy_soup = greedy.greedy_soup
 
     def greedy_then_split(*a, **kw):
         try:
@@ -156,14 +156,14 @@ def child(args) -> int:
         finally:
             split["greedy"] = mem.split()  # the recipe's final full evaluation is measured on its own
 
-    merge.greedy_soup = greedy_then_split  # the greedy_soup recipe calls merge.greedy_soup
+    greedy.greedy_soup = greedy_then_split  # the greedy_soup recipe calls greedy.greedy_soup
     try:
         with common.PeakRSS() as mem:
             t = time.perf_counter()
             (dish,) = cook(kitchen, ["greedy_soup"], settings)
             t_recipe = time.perf_counter() - t
     finally:
-        merge.greedy_soup = greedy_soup
+        greedy.greedy_soup = greedy_soup
 
     out = {"n": len(kitchen.ingredients), "loadable": len(rows), "kept": dish.params["n_ingredients"],
            "best_val": rows[0]["metrics"]["val_acc"], "soup_val": dish.metrics["val_acc"],
@@ -307,17 +307,18 @@ def report(ns, results, memory) -> None:
     print()
     print(f"one state dict = {sd / 1024:.0f} KiB ({int(sd)} bytes); torch threads in the soup process: "
           f"{results[ns[0]][0]['threads']}; times: median of {len(results[ns[0]])} fresh process(es) per N")
-    print("  greedy s   the merge.greedy_soup call: N-1 candidates, each loaded (memory-mapped, already verified), mixed, scored on val")
-    print("  held-out s inside the score callback (Kitchen.val_acc), N-1 calls;  load s: inside Kitchen.load")
+    print("  greedy s   the greedy_soup call: N-1 candidates, each read tensor by tensor from its verified file, "
+          "summed in float32, scored on val")
+    print("  held-out s inside the score callback (Kitchen.val_acc), N-1 calls;  open s: inside Kitchen.source")
     print("  outside %  (greedy s - held-out s) / greedy s;  recipe s: greedy s + the soup's final evaluation on "
           "every set")
     print("  verify s   Kitchen.loadable(): every ingredient sha256-checked once (streamed), before any recipe")
     print(f"memory: one more fresh process per N, glibc mmap threshold fixed at 64 KiB; peak RSS by "
           f"{memory[ns[0]]['mem_method']} minus RSS before the recipe")
-    print("  greedy MB  peak during merge.greedy_soup;  -eval: minus a held-out evaluation's own peak "
+    print("  greedy MB  peak during greedy_soup;  -eval: minus a held-out evaluation's own peak "
           "(activations, same for every N; highest of 5)")
     print("  final MB   peak during the recipe's final evaluation of the soup on every eval set")
-    head = (f"{'N':>4} {'verify s':>8} {'greedy s':>8} {'s/ingr':>7} {'held-out s':>10} {'load s':>6} "
+    head = (f"{'N':>4} {'verify s':>8} {'greedy s':>8} {'s/ingr':>7} {'held-out s':>10} {'open s':>6} "
             f"{'outside %':>9} {'recipe s':>8} | {'greedy MB':>9} {'x sd':>5} {'-eval x sd':>10} {'final MB':>8} "
             f"{'kept':>4}")
     print(head)

@@ -18,7 +18,8 @@ change the "before" count), in one process, as the sweep does (Kitchen, then sou
                  reads before; hash reads after), per ingredient file, in file sizes
   rchar          the process's read() bytes over the whole cook (/proc/self/io: Parquet
                  rows and everything else included), per ingredient file, in file sizes
-  loads          Kitchen.load calls per ingredient (the same for both)
+  loads          Kitchen.load calls per ingredient (the same for both; the merges read their
+                 tensors from the verified file instead, through Kitchen.source)
 The memory-mapped loads read the file's pages from the OS page cache (or the disk, if it
 dropped them); they are neither storage reads nor rchar. On an object store `after`
 downloads each file once per cook into a local cache and maps that
@@ -86,9 +87,10 @@ def pool_class(loader: str):
                 raise PoolError(f"{self.uri}: weights of {row['id']} are corrupt")
             return st_load(blob)
 
-        def local_weights(self, ingredient):  # the kitchen's check was a full load
+        def local_weights(self, ingredient):  # every check was a full read and hash
             self.load(ingredient)
-            return ""
+            row = self.get(ingredient) if isinstance(ingredient, str) else ingredient
+            return f"{self.root}/{row['weights']}"  # the merge engine reads its tensors from the file
 
     return ReadEveryTime
 

@@ -38,17 +38,17 @@ class ModelStock(Recipe):
     @staticmethod
     def evaluate(k, shared, c):
         stock = k.merge("model_stock", c["rows"])
-        t = dict(zip(stock.notes, torch.stack(list(stock.notes.values())).tolist()))  # one read of every tensor's t
         verdict = k.judge(stock.state)
-        return {"state": stock.state, "t": t, "metrics": verdict.metrics, "correct": verdict.correct}
+        return {"state": stock.state, "t": stock.notes, "metrics": verdict.metrics, "correct": verdict.correct}
 
     @staticmethod
     def serve(k, params, cooked, plan, results):
         dishes = []
         for c, made in zip(plan.candidates, results):
-            ts = sorted(made["t"].values())
+            t = dict(zip(made["t"], torch.stack(list(made["t"].values())).tolist()))  # every tensor's t, read at once
+            ts = sorted(t.values())
             dishes.append(Dish("model_stock", f"{ModelStock.label} ({c['from']} {len(c['rows'])})", made["metrics"],
                                [r["id"] for r in c["rows"]], made["state"],
                                params={"from": c["from"], "n_ingredients": len(c["rows"]), "t_median": ts[len(ts) // 2]},
-                               details={"t_per_tensor": made["t"]}, name=c["name"], correct=made["correct"]))
+                               details={"t_per_tensor": t}, name=c["name"], correct=made["correct"]))
         return dishes
