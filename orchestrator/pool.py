@@ -4,8 +4,11 @@
     python -m orchestrator.pool verify --pool URI   # re-hash every file, exit 1 on problems
     python -m orchestrator.pool sync-mlflow --pool URI --tracking-uri URI  # replay into MLflow
     python -m orchestrator.pool gc --pool URI [--dry-run]   # remove temp files, unreadable rows, orphan weights
+    python -m orchestrator.pool import --pool URI --sweep NAME --base BASE FINETUNE ...  # bring your own
+    python -m orchestrator.pool merge --pool URI --sweep NAME --method ties k=0.2   # merge them, no task needed
 
-The pool itself (layout, rows, atomic writes) is orchestrator/common/pool.py.
+The pool itself (layout, rows, atomic writes) is orchestrator/common/pool.py; importing and
+merging checkpoints made elsewhere is orchestrator/merging/checkpoints.py.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import pandas as pd
 
 from orchestrator.common import tracking
 from orchestrator.common.cli import run_main, show_our_warnings
+from orchestrator.common.errors import UserError
 from orchestrator.common.pool import KINDS, Pool, Row
 
 __all__ = ["Pool", "Row", "main"]
@@ -97,30 +101,128 @@ def sync_mlflow(pool: Pool, tracking_uri: str | None) -> int:
     return 0
 
 
+def import_checkpoints(pool_uri: str, sweep: str, base: str, paths: list[str], max_distance: float) -> int:
+    import time
+
+    from orchestrator.merging.checkpoints import check_inputs, import_checkpoints as add
+
+    t0 = time.time()
+    check_inputs(base, paths, max_distance)  # every input, before the pool is created or written
+    pool = Pool(pool_uri, create=True)
+    done = add(pool, sweep, base, paths, max_distance)
+    print(f"{pool.uri}: sweep {sweep!r}: {done.new} of {len(done.rows) + 1} checkpoints added "
+          f"({len(done.rows) + 1 - done.new} were there already) in {time.time() - t0:.1f} s")
+    print(f"  base       {done.base['id']}  <- {base}")
+    for row, path in zip(done.rows, paths):
+        print(f"  fine-tune  {row['id']}  <- {path}")
+    print(f"merge them: python -m orchestrator.pool merge --pool {pool.uri} --sweep {sweep} --method ties")
+    return 0
+
+
+def merge_sweep(pool_uri: str, sweep: str, method: str, settings: list[str], device: str, out: str | None) -> int:
+    import shutil
+    import time
+
+    import yaml
+
+    from orchestrator.merging import methods as registry
+    from orchestrator.merging.checkpoints import merge_sweep as merge
+
+    params = {}
+    for item in settings:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UserError(f"merge setting {item!r}: expected key=value, e.g. k=0.2")
+        try:
+            params[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"merge setting {item!r}: the value is not YAML") from None
+    m = registry.get(method)
+    m.settings(params)  # a bad setting is an error before the pool is read
+    pool = Pool(pool_uri)
+    t0, tty, last = time.time(), sys.stdout.isatty(), [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.time()
+        if done == total or now - last[0] >= (1 if tty else 15):
+            last[0] = now
+            line = f"  {done}/{total} tensors, {now - t0:.0f} s"
+            print(f"\r{line}" if tty else line, end="" if tty and done < total else "\n", flush=True)
+
+    row, new = merge(pool, sweep, m.name, params, device, progress)
+    shown = ", ".join(f"{k}={v}" for k, v in row["hparams"].items() if k != "method")
+    if new:
+        print(f"merged {len(row['parents']) - 1} fine-tunes of sweep {sweep!r} with {m.name} ({shown or 'defaults'}) "
+              f"on {device} in {time.time() - t0:.1f} s")
+    else:
+        print(f"{row['id']}: this merge of these ingredients is in the pool already")
+    print(f"pool row {row['id']}: {pool.uri}/{row['weights']}")
+    if out:
+        target = os.path.abspath(out)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = f"{target}.partial"
+        shutil.copyfile(pool.local_weights(row), tmp)
+        os.replace(tmp, target)
+        print(f"written to {target}")
+    return 0
+
+
 def main(argv: Iterable[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.pool", description=__doc__,
+    from orchestrator.merging.methods import METHODS
+
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.pool", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["show", "verify", "sync-mlflow", "gc"],
-                        help="show the manifest; re-hash every weights file and read every row (exit 1 on "
-                             "problems); replay the trials and soups MLflow lacks (after the server was "
-                             "unreachable during a sweep); or remove leftover temp files and weights no row "
-                             "references")
-    parser.add_argument("--pool", default="pool", help="pool folder or URI (default: ./pool)")
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
-                        help="sync-mlflow: the MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///$PWD/mlflow.db)")
-    parser.add_argument("--kind", choices=KINDS, help="show: only rows of this kind")
-    parser.add_argument("--sweep", help="show: only this sweep's (or study's) rows")
-    parser.add_argument("--start-point", metavar="ID",
-                        help="show: only this pretrained ingredient and the trials that started from it")
-    parser.add_argument("--dry-run", action="store_true", help="gc: list what would be removed, remove nothing")
-    parser.add_argument("--min-age", type=float, default=3600.0, metavar="SECONDS",
-                        help="gc: only files older than this (default: 3600; a running sweep's newest files are "
-                             "in use)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help, allow_abbrev=False)
+        sub.add_argument("--pool", default="pool", help="pool folder or URI (default: ./pool)")
+        sub.add_argument("--debug", action="store_true", help="show tracebacks")
+        return sub
+
+    show_p = command("show", "show the manifest")
+    show_p.add_argument("--kind", choices=KINDS, help="only rows of this kind")
+    show_p.add_argument("--sweep", help="only this sweep's (or study's) rows")
+    show_p.add_argument("--start-point", metavar="ID",
+                        help="only this pretrained ingredient and the trials that started from it")
+    command("verify", "re-hash every weights file and read every row (exit 1 on problems)")
+    sync_p = command("sync-mlflow", "replay the trials and soups MLflow lacks (after the server was unreachable "
+                                    "during a sweep)")
+    sync_p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                        help="the MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///$PWD/mlflow.db)")
+    gc_p = command("gc", "remove leftover temp files, unreadable rows and weights no row references")
+    gc_p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    gc_p.add_argument("--min-age", type=float, default=3600.0, metavar="SECONDS",
+                      help="only files older than this (default: 3600; a running sweep's newest files are in use)")
+    import_p = command("import", "add fine-tunes made elsewhere (safetensors files or Hugging Face model folders "
+                                 "of one base) to the pool as the ingredients of a sweep; every input is checked "
+                                 "first (tensor names, shapes, dtypes, the base), nothing is written on a problem")
+    import_p.add_argument("--sweep", required=True, help="the sweep they become ingredients of")
+    import_p.add_argument("--base", required=True, help="the base model they were all fine-tuned from")
+    import_p.add_argument("checkpoints", nargs="+", metavar="FINETUNE", help="the fine-tuned checkpoints")
+    import_p.add_argument("--max-distance", type=float, default=0.5, metavar="FRACTION",
+                          help="refuse a checkpoint whose weight matrices are farther than this from the base's, "
+                               "relative to their norm, the median over matrices (default: 0.5; a fine-tune is a "
+                               "few hundredths away, an unrelated model of the same shape ~1.4)")
+    merge_p = command("merge", "merge a sweep's ingredients into a new pool row (kind soup) with a merge method, "
+                               "on the streaming engine: no task, no evaluation (the soup sweep cooks recipes that "
+                               "evaluate)")
+    merge_p.add_argument("--sweep", required=True, help="the sweep whose finished ingredients are merged")
+    merge_p.add_argument("--method", required=True, choices=sorted(METHODS), help="the merge method")
+    merge_p.add_argument("settings", nargs="*", metavar="key=value",
+                         help="the method's settings, e.g. k=0.2 lambda=1.0 (" + "; ".join(
+                             f"{name}: {', '.join(p.name for p in m.params) or 'none'}"
+                             for name, m in sorted(METHODS.items())) + ")")
+    merge_p.add_argument("--device", default="cpu", help="where the math runs: cpu, cuda, cuda:1 (default: cpu)")
+    merge_p.add_argument("--out", help="also write the merged weights to this safetensors file")
     args = parser.parse_args(argv)
     show_our_warnings()  # an unreadable row is named on stderr
 
     def run() -> int:
+        if args.command == "import":
+            return import_checkpoints(args.pool, args.sweep, args.base, args.checkpoints, args.max_distance)
+        if args.command == "merge":
+            return merge_sweep(args.pool, args.sweep, args.method, args.settings, args.device, args.out)
         pool = Pool(args.pool)
         if args.command == "show":
             show(pool, args.kind, args.sweep, args.start_point)

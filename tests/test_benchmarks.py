@@ -191,3 +191,28 @@ def test_bench_ftft_tiny(tmp_path):
     assert examples["ambiguous"] == examples["random"] == round(0.33 * 899)  # the third each trained on
     number(rf"^ambiguous - random third: best individual ID {NUMBER}", out)
     assert number(rf"at {NUMBER}x the example-steps", out) > 0
+
+
+def test_bench_merge_scale_tiny(tmp_path):
+    """Ours and mergekit on the same LLM-shaped files: the outputs agree as the bench states."""
+    out = run_bench("bench_merge_scale.py", tmp_path)
+    rows = {}
+    for line in out.splitlines():  # merge | ours s +start mergekit s +start ratio | RSS ... | outputs
+        m = re.fullmatch(r"(\w+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x \|\s+(\d+)\s+(\d+)\s+(-?\d+)"
+                         r"\s+(-?\d+) \| (.*)", line)
+        if m:
+            rows[m.group(1)] = ([float(x) for x in m.groups()[1:10]], m.group(11))
+    assert sorted(rows) == ["dare_ties", "linear", "model_stock", "task_arithmetic", "ties"], out[-3000:]
+    for name, (numbers, outputs) in rows.items():
+        ours, ours_total, theirs, theirs_total, ratio = numbers[:5]
+        assert 0 < ours <= ours_total and 0 < theirs <= theirs_total, name
+        assert ratio == pytest.approx(ours_total / theirs_total, abs=0.01), name
+        assert numbers[5] > 0 and numbers[6] > 0, name  # peak RSS of each process
+        if name == "ties":  # exactly k kept on both sides; they differ only among magnitudes tied at the cut
+            assert re.fullmatch(r"[\d.]+% of entries differ, all of them at a tied cut", outputs), outputs
+        elif name == "dare_ties":
+            assert outputs == "random masks differ by design: not compared"
+        else:  # ours within 1 bf16 ulp of the float64 merge everywhere
+            assert re.fullmatch(r"> 1 bf16 ulp from the float64 merge: ours 0, mergekit \d+ of [\d,]+; apart: \d+",
+                                outputs), outputs
+    assert re.search(r"^target: every merge's .*: (MET|NOT MET)$", out, re.MULTILINE)

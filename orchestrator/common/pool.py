@@ -173,12 +173,16 @@ class Pool:
     def _row_path(self, ingredient_id: str) -> str:
         return f"{self.root}/manifest/{safe_id(ingredient_id)}.parquet"
 
-    def add(self, row: Row, weights: StateDict | None = None, table: pa.Table | None = None) -> dict[str, Any]:
-        """Add one ingredient with its weights or its table (not both); returns its row. An id that
+    def add(self, row: Row, weights: StateDict | None = None, table: pa.Table | None = None,
+            weights_file: str | None = None, move: bool = False) -> dict[str, Any]:
+        """Add one ingredient with its weights, its table or a safetensors file of weights already
+        written (`weights_file`, a local path: copied in a chunk at a time, so a model larger
+        than memory can be added; with `move`, renamed into place when it is on the pool's own
+        disk); one of them at most. Returns its row. An id that
         exists keeps its row, except that a finished row supersedes a `failed` one (a trial that
         failed, then finished after --resume) and an unreadable one (a crash mid-write); an `ok`
         row is never replaced."""
-        if weights is not None and table is not None:
+        if sum(x is not None for x in (weights, table, weights_file)) > 1:
             raise ValueError("a pool row has one file: weights or a table, not both")
         ingredient_id = safe_id(row.id)
         existing = self._readable_row(ingredient_id)
@@ -188,7 +192,10 @@ class Pool:
         full.update(id=ingredient_id, weights="", sha256="", created=dt.datetime.now(dt.timezone.utc))
         for col in JSON_COLUMNS:
             full[col] = json.dumps(full[col], sort_keys=True)
-        if weights is not None or table is not None:
+        if weights_file is not None:
+            full["sha256"] = self._store_file(weights_file, move)
+            full["weights"] = f"weights/{full['sha256']}.safetensors"
+        elif weights is not None or table is not None:
             if table is not None:
                 out = io.BytesIO()
                 pq.write_table(table, out)
@@ -207,6 +214,39 @@ class Pool:
         if not self._write(self._row_path(ingredient_id), buf.getvalue(), exclusive=not replace):
             return self.get(ingredient_id)  # another writer of this id was first: its row stands
         return self._decode(full)
+
+    def _store_file(self, local: str, move: bool = False) -> str:
+        """Copy (or `move`) a local weights file to weights/<sha256>.safetensors (unless that name is
+        there: the same name holds the same bytes), whole or not at all; returns its sha256."""
+        sha = file_sha256(local)
+        path = f"{self.root}/weights/{sha}.safetensors"
+        if self.fs.get_file_info(path).type == pafs.FileType.File:
+            return sha
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            parent = os.path.dirname(path)
+            os.makedirs(parent, exist_ok=True)
+            tmp = f"{parent}/.{sha}.{uuid.uuid4().hex}.tmp"
+            try:
+                if move:
+                    try:
+                        os.replace(local, path)  # its bytes are on disk already (the writer fsynced them)
+                        _fsync_dir(parent)
+                        return sha
+                    except OSError:  # another filesystem: copy
+                        pass
+                shutil.copyfile(local, tmp)
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+                _fsync_dir(parent)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        else:  # an object store publishes an upload when it completes
+            with open(local, "rb") as src, self.fs.open_output_stream(path) as out:
+                while chunk := src.read(READ_CHUNK):
+                    out.write(chunk)
+        return sha
 
     # -- reading ---------------------------------------------------------------------
 
@@ -372,6 +412,23 @@ class Pool:
     def remove(self, paths: list[str]) -> None:
         for path in paths:
             self.fs.delete_file(path)
+
+
+def file_sha256(path: str) -> str:
+    """A local file's sha256, read a chunk at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(READ_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: str) -> None:
+    folder = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def _stamp(path: str) -> tuple[int, int]:

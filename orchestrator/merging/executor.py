@@ -28,8 +28,7 @@ from orchestrator.merging.sources import Source, check_compatible, specs
 class Merged:
     state: StateDict | None  # None when the merge went to a file
     notes: dict[str, torch.Tensor] = field(default_factory=dict)  # per-tensor values a method noted
-    path: str | None = None
-    sha256: str = ""  # of the written file
+    path: str | None = None  # the written file
 
 
 def accumulator(dtype: torch.dtype) -> torch.dtype:
@@ -71,7 +70,7 @@ def merge(method: str | Method, inputs: Sequence[Source], *, base: Source | None
             writer.abort()
         raise
     if writer:
-        return Merged(None, notes, writer.close(), writer.sha256)
+        return Merged(None, notes, writer.close())
     return Merged(state, notes)
 
 

@@ -11,7 +11,6 @@ length, a JSON header, the raw bytes); the tests read our files back with `safet
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -114,7 +113,7 @@ class SafetensorsWriter:
     """A safetensors file written tensor by tensor, in the order of `specs` (name, dtype,
     shape), to a hidden temp file beside `path` that is renamed into place by `close()`:
     a reader sees the whole file or none. Used as a context manager, an exception leaves
-    nothing behind. `sha256` is the finished file's, computed while it was written."""
+    nothing behind."""
 
     def __init__(self, path: str, specs: Sequence[tuple[str, torch.dtype, Sequence[int]]],
                  metadata: dict[str, str] | None = None):
@@ -132,21 +131,15 @@ class SafetensorsWriter:
         os.makedirs(folder, exist_ok=True)
         self._tmp = os.path.join(folder, f".{base}.{uuid.uuid4().hex}.tmp")
         self._file = open(self._tmp, "wb")
-        self._hash = hashlib.sha256()
         self._next = 0
-        self.sha256 = ""
-        self._put(struct.pack("<Q", len(blob)) + blob)
-
-    def _put(self, data) -> None:
-        self._file.write(data)
-        self._hash.update(data)
+        self._file.write(struct.pack("<Q", len(blob)) + blob)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         want = self._order[self._next] if self._next < len(self._order) else None
         if want is None or (name, tensor.dtype, tuple(tensor.shape)) != want:
             raise ValueError(f"writer expected {want}, got {(name, tensor.dtype, tuple(tensor.shape))}")
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        self._put(memoryview(flat.view(torch.uint8).numpy()))
+        self._file.write(memoryview(flat.view(torch.uint8).numpy()))
         self._next += 1
 
     def close(self) -> str:
@@ -163,7 +156,6 @@ class SafetensorsWriter:
             os.fsync(folder)
         finally:
             os.close(folder)
-        self.sha256 = self._hash.hexdigest()
         return self.path
 
     def abort(self) -> None:

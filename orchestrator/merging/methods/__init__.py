@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
@@ -52,13 +53,26 @@ class Lazy(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
+        return self._cast(self._fetch(i))
+
+    def __iter__(self) -> Iterator[torch.Tensor | None]:
+        """In order, the next ingredient's tensor read in a thread while the method works on
+        this one (reads release the GIL): I/O hides behind the math, one tensor ahead at most."""
+        with ThreadPoolExecutor(1) as reader:
+            ahead = reader.submit(self._fetch, 0) if len(self) else None
+            for i in range(len(self)):
+                current = ahead.result()
+                ahead = reader.submit(self._fetch, i + 1) if i + 1 < len(self) else None
+                yield self._cast(current)
+
+    def _fetch(self, i: int) -> torch.Tensor | None:
         source = self.sources[i]
         if source is None or not source.has(self.name):
             return None
-        return source.get(self.name, self.device).to(self.dtype)
+        return source.get(self.name, self.device)
 
-    def __iter__(self) -> Iterator[torch.Tensor | None]:
-        return (self[i] for i in range(len(self)))
+    def _cast(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.to(self.dtype)
 
 
 @dataclass

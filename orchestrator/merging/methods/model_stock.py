@@ -3,14 +3,15 @@ vectors, t = N cos / (1 + (N - 1) cos) clamped to [0, 1] (cos <= 0 would push aw
 fine-tunes; mergekit does not clamp), theta = t * mean_i theta_i + (1 - t) * theta_0.
 
 The mean over pairs comes from running sums, not N^2 dot products, so one task vector is held
-at a time: with u_i = tau_i / (|tau_i| + eps), sum over pairs i != j of u_i.u_j =
-|sum_i u_i|^2 - sum_i |u_i|^2. Each tensor's t is noted (Model Stock's histogram)."""
+at a time: with u_i = tau_i / |tau_i| (0 for tau_i = 0), sum over pairs i != j of u_i.u_j =
+|sum_i u_i|^2 - sum_i |u_i|^2. The norms are summed in float64: a float32 sum over millions of
+entries is off by ~1e-4 on a CPU, which moves t, and t times |mean tau| moves every entry.
+Each tensor's t is noted (Model Stock's histogram)."""
 
 import torch
 
 from orchestrator.merging.methods import Method, register
 
-EPS = 1e-8
 
 
 @register
@@ -25,12 +26,13 @@ class ModelStock(Method):
         tau_sum = unit_sum = unit_sq = None
         for x in t.tensors:
             tau = x - t.base
-            unit = tau / (tau.norm() + EPS)
-            sq = unit.pow(2).sum()
+            norm = torch.linalg.vector_norm(tau, dtype=torch.float64)
+            scale = torch.where(norm > 0, 1 / norm, 0.0)  # a task vector of 0 has no direction: u_i = 0
+            sq = (norm > 0).double()  # |u_i|^2, from the norm: no pass over the tensor
+            unit_sum = tau * scale if unit_sum is None else unit_sum.addcmul_(tau, scale)
             tau_sum = tau if tau_sum is None else tau_sum.add_(tau)
-            unit_sum = unit if unit_sum is None else unit_sum.add_(unit)
             unit_sq = sq if unit_sq is None else unit_sq + sq
-        cos = ((unit_sum.pow(2).sum() - unit_sq) / (n * (n - 1))).double()  # t in float64, as a host float would be
+        cos = (unit_sum.square().sum(dtype=torch.float64) - unit_sq) / (n * (n - 1))
         weight = torch.where(cos > 0, (n * cos / (1 + (n - 1) * cos)).clamp(0, 1), torch.zeros_like(cos))
         t.note(weight)
         return t.base + weight * tau_sum / n  # = t * mean(theta_i) + (1 - t) * theta_0

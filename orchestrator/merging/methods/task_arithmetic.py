@@ -63,15 +63,14 @@ class TaskVectorMerge(DeltaMethod):
             if not self.consensus:
                 total = tau if total is None else total.add_(tau)
                 continue
-            up, down = tau > 0, tau < 0
             if pos is None:
-                pos, neg = torch.where(up, tau, 0.0), torch.where(down, tau, 0.0)
-                n_pos, n_neg = up.to(tau.dtype), down.to(tau.dtype)
+                pos, neg = tau.clamp(min=0), tau.clamp(max=0)
+                n_pos, n_neg = (tau > 0).to(tau.dtype), (tau < 0).to(tau.dtype)
             else:
-                pos.add_(torch.where(up, tau, 0.0))
-                neg.add_(torch.where(down, tau, 0.0))
-                n_pos.add_(up)
-                n_neg.add_(down)
+                pos.add_(tau.clamp(min=0))
+                neg.add_(tau.clamp(max=0))
+                n_pos.add_(tau > 0)
+                n_neg.add_(tau < 0)
         if not self.consensus:
             return total
         elected_up = (pos + neg) >= 0  # sign(sum_i tau_i), an exact 0 taking +1
