@@ -9,6 +9,8 @@ from mlflow import MlflowClient
 
 from orchestrator.common.errors import ConfigError
 from orchestrator.common.pool import Pool
+from orchestrator.merging import executor
+from orchestrator.merging.sources import StateSource
 from orchestrator.soup import recipes
 from orchestrator.soup.config import load_config
 from orchestrator.soup.kitchen import Dish, Verdict
@@ -119,6 +121,9 @@ class FakeKitchen:
 
     def load(self, row):
         return {k: v.clone() for k, v in self.states[row["id"]].items()}
+
+    def merge(self, method, rows, params=None, side=None):  # the merge engine on the made-up states
+        return executor.merge(method, [StateSource(self.states[r["id"]], r["id"]) for r in rows], params=params)
 
     def evaluate(self, state, sets=None, soup=True):
         return dict(METRICS)
