@@ -30,7 +30,8 @@ from orchestrator.common.errors import MergeError
 
 @dataclass(frozen=True)
 class Param:
-    """A method setting: its name, type, default and rule (why a value is wrong, or None)."""
+    """A declared setting (a merge method's; a recipe's config key soup.<name>): its name, type,
+    default and rule (why a value is wrong, or None)."""
 
     name: str
     type: type

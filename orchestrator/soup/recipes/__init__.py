@@ -23,19 +23,15 @@ import pkgutil
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
+from orchestrator.merging import methods
+
 if TYPE_CHECKING:
     from orchestrator.soup.kitchen import Dish, Kitchen
 
 
-@dataclass(frozen=True)
-class Param:
-    """A recipe setting: the config key `soup.<name>`, its type, default and rule."""
-
-    name: str
-    type: type
-    default: Any
-    help: str
-    check: Callable[[Any], str | None] = lambda value: None  # why a value is wrong, or None
+# A recipe setting (the config key `soup.<name>`: its type, default and rule) is declared like a
+# merge method's setting.
+Param = methods.Param
 
 
 def grid_rule(what: str, low: float, high: float | None = None) -> Callable[[Any], str | None]:
