@@ -7,11 +7,13 @@ import argparse
 import datetime as dt
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from typing import Callable
 
-from orchestrator.common.errors import UserError
+from orchestrator.common.errors import Interrupted, Terminated, UserError
 
 # Library defaults that only add noise to a command's terminal output.
 QUIET_ENV = {
@@ -23,7 +25,10 @@ QUIET_ENV = {
 
 
 def run_main(fn: Callable[[], int], debug: bool) -> int:
-    """Run a command; bad input becomes `error: ...` on stderr and exit 2 (1 for bugs)."""
+    """Run a command; bad input becomes `error: ...` on stderr and exit 2 (1 for bugs); Ctrl-C
+    exits 130 and SIGTERM 143, each with one line, no traceback."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return fn()
     except UserError as e:
@@ -31,9 +36,15 @@ def run_main(fn: Callable[[], int], debug: bool) -> int:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted (SIGINT)", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except BrokenPipeError:  # `... | head` stopped reading: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
@@ -42,6 +53,10 @@ def run_main(fn: Callable[[], int], debug: bool) -> int:
             traceback.print_exc()
         print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def add_common_flags(parser: argparse.ArgumentParser, default_pool: str) -> None:

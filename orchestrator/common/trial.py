@@ -100,14 +100,17 @@ class Trial:
 def maybe_crash(trial_id: str, epoch: int, rank: int = 0) -> None:
     """Fault injection for the tests, off unless ORCHESTRATOR_TEST_CRASH=<epoch>:<raise|kill>:<folder>:
     each trial then crashes once, right after that epoch's checkpoint (a marker file in
-    <folder> makes its retry carry on). In a data-parallel trial the worker of rank
-    ORCHESTRATOR_TEST_CRASH_RANK (default 0) crashes."""
+    <folder> makes its retry carry on); with ORCHESTRATOR_TEST_CRASH_ONE=1 only the first trial
+    to get there does. In a data-parallel trial the worker of rank ORCHESTRATOR_TEST_CRASH_RANK
+    (default 0) crashes."""
     spec = os.environ.get("ORCHESTRATOR_TEST_CRASH")
     if not spec or rank != int(os.environ.get("ORCHESTRATOR_TEST_CRASH_RANK", "0")):
         return
     at, how, folder = spec.split(":", 2)
     marker = os.path.join(folder, trial_id)
     if epoch != int(at) or os.path.exists(marker):
+        return
+    if os.environ.get("ORCHESTRATOR_TEST_CRASH_ONE") and os.listdir(folder):
         return
     open(marker, "w").close()
     if how == "kill":

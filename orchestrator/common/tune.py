@@ -3,15 +3,19 @@ trials, show their progress one line each, and collect the trials that failed.""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import re
+import shlex
+import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pyarrow.fs as pafs
 
@@ -104,6 +108,7 @@ class TuneRun:
     describe: Callable[[dict[str, Any], dict[str, Any]], str]  # (config, last result) -> a progress line
     trial_runs: Any = None  # trial_runs.TrialRuns: every trial's MLflow run, logged from the driver
     tune_loggers: bool = False  # Tune's own CSV/JSON/TensorBoard files for every trial under storage
+    interrupted: int | None = None  # the signal (SIGINT, SIGTERM) that stopped the last fit or restore
 
     def fit(self, param_space: dict[str, Any], tune_config) -> Any:
         from ray import tune
@@ -143,8 +148,11 @@ class TuneRun:
 
         # Tune's automatic per-trial loggers write files nobody reads here (MLflow has it all)
         os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0" if self.tune_loggers else "1"
-        with tracking.quick_fail():  # a dead tracking server costs seconds, not minutes per result
-            return tuner.fit()
+        # a dead tracking server costs seconds, not minutes per result
+        with tracking.quick_fail(), graceful_stop() as stop:
+            results = tuner.fit()
+        self.interrupted = stop.signum
+        return results
 
     def _trainable(self):
         from ray import tune
@@ -153,6 +161,58 @@ class TuneRun:
         # warns about that every few seconds, a warning about its own design choice
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         return tune.with_resources(self.trainable, self.resources)
+
+
+@dataclass
+class Stop:
+    signum: int | None = None
+
+
+@contextlib.contextmanager
+def graceful_stop() -> Iterator[Stop]:
+    """While Tune runs: the first Ctrl-C (SIGINT) or SIGTERM (what a preempted cluster job gets)
+    asks Tune to stop, through its own SIGUSR1 handler: running trials stop, their last epoch
+    checkpoints and Tune's experiment state are saved, and `fit` returns (`Stop.signum` says
+    which signal); a second one ends the process at once. Tune's SIGINT handler is off: it
+    would stop just as well, but say nothing to the caller."""
+    stop = Stop()
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield stop
+        return
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if stop.signum is not None:
+            print(f"\n{name} again: quitting now (finished trials are in the pool)", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        stop.signum = signum
+        print(f"\n{name}: stopping the trials; Tune saves its state ({name} again quits at once)",
+              file=sys.stderr, flush=True)
+        tune_stop = signal.getsignal(signal.SIGUSR1)
+        if callable(tune_stop):
+            tune_stop(signal.SIGUSR1, frame)  # Tune's graceful stop (it installs it in fit)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def interruption(run: TuneRun, results, total: int, pool_uri: str, command: str, argv: list[str],
+                 what: str = "trials"):
+    """The Interrupted error of a run a signal stopped: what was kept, and the exact command
+    that continues (the same arguments and --resume)."""
+    from orchestrator.common.errors import Interrupted
+
+    name = signal.Signals(run.interrupted).name
+    done = sum(1 for r in results if r.error is None and (r.metrics or {}).get("ingredient_id"))
+    again = shlex.join(["python", "-m", command, *[a for a in argv if a != "--resume"], "--resume"])
+    return Interrupted(run.interrupted, f"interrupted ({name}): {done} of {total} {what} finished and are in the pool "
+                                        f"{pool_uri}; the others' last checkpoints and Tune's state are under "
+                                        f"{run.storage}; nothing was cooked or registered. Continue with: {again}")
 
 
 def tune_options(**options: Any):

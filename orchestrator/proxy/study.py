@@ -30,7 +30,7 @@ import pandas as pd
 from orchestrator.common import tracking, tune
 from orchestrator.common.cli import add_common_flags, route_library_output, run_main
 from orchestrator.common.config import search_space, shipped_configs
-from orchestrator.common.errors import UserError
+from orchestrator.common.errors import Interrupted, Terminated, UserError
 from orchestrator.common.pool import Pool, Row
 from orchestrator.proxy.analysis import study_tables
 from orchestrator.proxy.config import DEFAULT_CONFIG, load_config, run_key
@@ -147,6 +147,9 @@ class LRStudy:
             results = run.restore(self.resume_path)
         else:
             results = run.fit(space, tune.tune_options(max_concurrent_trials=cfg["max_concurrent_trials"] or None))
+        if run.interrupted:  # Ctrl-C or SIGTERM: keep the finished runs, analyse nothing
+            raise tune.interruption(run, results, self.n_runs, self.pool.uri, "orchestrator.lr_sensitivity",
+                                    self.args.argv, "proxy runs")
         reused = sum(1 for r in results if (r.metrics or {}).get("reused"))
         if reused:
             print(f"reused {reused} of {len(results)} proxy runs from the pool (an earlier launch ran them with "
@@ -229,6 +232,9 @@ class LRStudy:
             self.publish()
             self.report()
             status = "FINISHED"
+        except (Interrupted, KeyboardInterrupt, Terminated):
+            status = "KILLED"
+            raise
         finally:
             tracking.end_run(self.uri, self.parent, status)
         return 0
@@ -268,6 +274,7 @@ def _show(df: pd.DataFrame) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the command that continues an interrupted run
     args.log_file = route_library_output(args.log_dir, "lr_sensitivity", args.verbose)
     return run_main(lambda: LRStudy(args).run(), args.debug)
 

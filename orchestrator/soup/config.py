@@ -32,8 +32,9 @@ BASE: dict[str, Any] = {
     # (fifo: every trial runs all its epochs; asha: stops the worse trials at rungs of epochs)
     "search": {"algorithm": "random", "scheduler": "fifo", "grace_period": 1, "reduction_factor": 2},
     # register: the best dish (highest held-out accuracy) becomes a new version of this registered
-    # model ("" = the sweep's name), and the alias moves to it
-    "publish": {"register": True, "registered_model": "", "alias": "champion"},
+    # model ("" = the sweep's name), and the alias moves to it; partial: register it even when
+    # fewer trials finished than num_samples asked for (failed ones; a scheduler's stops count)
+    "publish": {"register": True, "registered_model": "", "alias": "champion", "partial": False},
     # cooking: each recipe a unit of Ray work on `workers` actors (0: in the driver process),
     # each asking for `resources`; `selection: held_out` measures candidates (WiSE-FT and
     # lambda grids) on the held-out split only and every eval set only for the final dishes
@@ -77,8 +78,9 @@ def validate(raw: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
     _check_soup(cfg["soup"], source)
     _check_cook(cfg["cook"], source)
     _check_search(cfg, source)
-    check(isinstance(cfg["publish"]["register"], bool), source, "publish.register",
-          f"must be true or false, got {cfg['publish']['register']!r}")
+    for key in ("register", "partial"):
+        check(isinstance(cfg["publish"][key], bool), source, f"publish.{key}",
+              f"must be true or false, got {cfg['publish'][key]!r}")
     check(isinstance(cfg["publish"]["alias"], str) and cfg["publish"]["alias"].strip() != "", source, "publish.alias",
           f"must be a non-empty name, got {cfg['publish']['alias']!r}")
     check(isinstance(cfg["record_dynamics"], bool), source, "record_dynamics",

@@ -29,7 +29,7 @@ import torch
 from orchestrator.common import tracking, tune
 from orchestrator.common.cli import add_common_flags, route_library_output, run_main
 from orchestrator.common.config import search_space, shipped_configs
-from orchestrator.common.errors import PoolError, UserError
+from orchestrator.common.errors import Interrupted, PoolError, Terminated, UserError
 from orchestrator.common.pool import Pool, Row
 from orchestrator.common.weights import digest
 from orchestrator.soup.config import DEFAULT_CONFIG, load_config, make_task
@@ -86,6 +86,7 @@ class SoupSweep:
         self.dishes = []
         self.data_map = None
         self.seconds: dict[str, float] = {}  # phase -> wall seconds
+        self.shortfall = ""  # why fewer trials finished than asked for (not the scheduler), if they did
         self.where = {"setup": "driver: pretrained weights (cached in the pool), MLflow parent run",
                       "publish": "driver: soups into the pool, their MLflow runs and models",
                       "report": "driver: tables, plots and the data map on the parent run"}
@@ -206,6 +207,9 @@ class SoupSweep:
                 search_alg=tune.search_algorithm(search["algorithm"], cfg["search_seed"],
                                                  cfg["max_concurrent_trials"]),
                 scheduler=tune.scheduler(search, "epoch", most_epochs(cfg["hyperparameters"]))))
+        if run.interrupted:  # Ctrl-C or SIGTERM: keep what finished, cook and register nothing
+            raise tune.interruption(run, self.results, cfg["num_samples"], self.pool.uri, "orchestrator.soup_sweep",
+                                    args.argv)
         stopped = [r for r in self.results if stopped_early(r)]
         for result in stopped:  # the scheduler stopped them mid-loop, before they wrote their row
             publish_stopped(result, ctx)
@@ -221,6 +225,11 @@ class SoupSweep:
                   file=sys.stderr)
             self.pool.add(Row(id=failed.trial_id, kind="trial", sweep=cfg["sweep"], task=self.task.name,
                               status="failed", parents=[self.pretrained["id"]], data_key=self.data_key))
+        finished = sum(1 for r in self.results if (r.metrics or {}).get("ingredient_id"))
+        failed = len(tune.failed_trials(self.results))
+        if finished + len(stopped) < cfg["num_samples"]:
+            self.shortfall = (f"{finished + len(stopped)} of {cfg['num_samples']} trials finished"
+                              + (f" ({failed} failed after {cfg['max_failures']} retries)" if failed else ""))
         added, _ = tracking.replay_pool(self.pool, self.uri, sweep=cfg["sweep"], parent=self.parent)
         if added:  # e.g. the tracking server was away for a while: the pool has every trial
             print(f"MLflow: logged {added} trial(s) from the pool that MLflow missed while they ran")
@@ -311,6 +320,10 @@ class SoupSweep:
     def publish(self) -> None:
         spec = self.cfg["publish"]
         register = {"name": spec["registered_model"], "alias": spec["alias"]} if spec["register"] else None
+        if register and self.shortfall and not spec["partial"]:
+            print(f"registered nothing: a partial sweep ({self.shortfall}); publish.partial: true registers "
+                  "its best dish anyway")
+            register = None
         Publisher(self.pool, self.uri, self.experiment, self.parent).serve(self.dishes, self.cfg["sweep"], self.task,
                                                                            register=register)
 
@@ -341,6 +354,9 @@ class SoupSweep:
         if self.data_map:
             print("\n" + self.map_summary)
         print(f"\n{spike_summary(self.trial_rows(('ok', 'diverged')))}")
+        if self.shortfall:
+            print(f"partial sweep: {self.shortfall}; the dishes above are cooked from those only"
+                  + ("" if self.cfg["publish"]["partial"] else ", and the registry alias did not move"))
         print(f"{len(kitchen.ingredients)} usable ingredients; finished in {time.time() - self.t0:.0f} s")
         print(f"pool:   {self.pool.uri}  (python -m orchestrator.pool show --pool {self.pool.uri})")
         print(f"MLflow: {uri}, experiment {self.cfg['sweep']!r}, parent run {parent}")
@@ -391,6 +407,9 @@ class SoupSweep:
             self.timed("report", self.report)
             self.report_phases()
             status = "FINISHED"
+        except (Interrupted, KeyboardInterrupt, Terminated):
+            status = "KILLED"  # what MLflow calls a run stopped from outside
+            raise
         except Exception:
             lost = tracking.unreachable(self.uri)
             if lost:  # MLflow went away mid-sweep: the pool has every finished trial
@@ -469,6 +488,7 @@ def spike_summary(trials: list[dict]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the command that continues an interrupted run
     args.log_file = route_library_output(args.log_dir, "soup_sweep", args.verbose)
     return run_main(lambda: SoupSweep(args).run(), args.debug)
 

@@ -8,6 +8,8 @@ itself can be killed.
 
 import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -92,6 +94,89 @@ def test_killed_driver_resumes_with_resume_flag(tmp_path):
     epochs = epochs_logged(f"sqlite:///{tmp_path}/mlflow.db", "resume")
     assert all(epochs[t] == [1, 2] for t in before["id"]), epochs  # not trained a second time
     assert len(os.listdir(tmp_path / "ray_results")) == 1  # the same Tune run, continued
+
+
+def wait_for_line(root, text, proc, timeout=240.0, log="sweep.log") -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = (root / log).read_text() if (root / log).exists() else ""
+        if text in out:
+            return out
+        assert proc.poll() is None, f"the sweep ended before {text!r}: {out[-3000:]}"
+        time.sleep(0.3)
+    raise AssertionError(f"no {text!r} in {timeout} s")
+
+
+def test_ctrl_c_while_training_keeps_what_finished_cooks_nothing_and_resume_finishes(tmp_path):
+    """SIGINT to the sweep's process group (what a terminal's Ctrl-C sends) after the first
+    trial: exit 130 with one line saying what was kept and the command that continues; no soup,
+    no registered version; that command then trains every other trial once and cooks."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = start(sweep_cmd(tmp_path, "ctrlc", 4, "max_concurrent_trials=1", *SLOWER), tmp_path)
+    try:
+        wait_for_line(tmp_path, "[1/4 ", proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=120)
+    finally:
+        kill_group(proc)
+    log = (tmp_path / "sweep.log").read_text()
+    assert code == 130, log[-3000:]
+    line = next(ln for ln in log.splitlines() if ln.startswith("interrupted (SIGINT): "))
+    assert re.match(r"interrupted \(SIGINT\): [1-3] of 4 trials finished and are in the pool ", line), line
+    assert "nothing was cooked or registered" in line and "Traceback" not in log
+    pool = Pool(str(tmp_path / "pool"))
+    kept = trial_rows(pool.uri)
+    assert 1 <= len(kept) <= 3 and (pool.manifest()["kind"] == "soup").sum() == 0
+    client = MlflowClient(uri)
+    assert client.search_registered_models() == []
+    (sweep_run,) = client.search_runs([client.get_experiment_by_name("ctrlc").experiment_id],
+                                      "tags.`orchestrator.role` = 'sweep'")
+    assert sweep_run.info.status == "KILLED"
+
+    again = shlex.split(line.split("Continue with: ", 1)[1])
+    assert again[:3] == ["python", "-m", "orchestrator.soup_sweep"] and again[-1] == "--resume"
+    code, log = finish(start([sys.executable, *again[1:]], tmp_path, log="resume.log"), tmp_path, log="resume.log")
+    assert code == 0, log[-3000:]
+    trials = trial_rows(pool.uri)
+    assert len(trials) == 4 and trials["id"].is_unique and set(trials["status"]) == {"ok"}
+    assert list(trials.set_index("id").loc[kept["id"], "created"]) == list(kept["created"])  # kept as they were
+    assert all(e == [1, 2] for e in epochs_logged(uri, "ctrlc").values())  # every trial trained once
+    assert (pool.manifest()["kind"] == "soup").sum() >= 1
+    assert [str(v.version) for v in client.search_model_versions("name = 'ctrlc'")] == ["1"]
+
+
+def test_sigterm_to_the_driver_stops_it_and_a_second_one_quits_at_once(tmp_path):
+    proc = start(sweep_cmd(tmp_path, "term", 4, "max_concurrent_trials=1", *SLOWER), tmp_path)
+    try:
+        wait_for_line(tmp_path, "[1/4 ", proc)
+        os.kill(proc.pid, signal.SIGTERM)  # a preempted job's driver
+        wait_for_line(tmp_path, "SIGTERM: stopping the trials", proc, timeout=30)
+        os.kill(proc.pid, signal.SIGTERM)
+        t0 = time.time()
+        code = proc.wait(timeout=60)
+        took = time.time() - t0
+    finally:
+        kill_group(proc)
+    log = (tmp_path / "sweep.log").read_text()
+    assert code == 143, log[-3000:]
+    assert ("SIGTERM again: quitting now" in log and took < 10) or "interrupted (SIGTERM): " in log, log[-3000:]
+    assert (Pool(str(tmp_path / "pool")).manifest()["kind"] == "soup").sum() == 0
+
+
+def test_a_sweep_with_a_failed_trial_says_it_is_partial_and_registers_nothing(tmp_path):
+    """One trial crashes with no retries left: the others are cooked, the closing lines say the
+    sweep is partial, and no version is registered (publish.partial is false by default)."""
+    markers = tmp_path / "crashed"
+    markers.mkdir()
+    cmd = sweep_cmd(tmp_path, "partial", 3, "max_failures=0", "max_concurrent_trials=1")
+    code, log = finish(start(cmd, tmp_path, ORCHESTRATOR_TEST_CRASH=f"1:raise:{markers}", ORCHESTRATOR_TEST_CRASH_ONE="1"),
+                       tmp_path)
+    assert code == 0, log[-3000:]
+    assert len(os.listdir(markers)) == 1
+    assert "registered nothing: a partial sweep (2 of 3 trials finished (1 failed after 0 retries))" in log
+    assert "partial sweep: 2 of 3 trials finished (1 failed after 0 retries); the dishes above are cooked from " \
+           "those only, and the registry alias did not move" in log
+    assert MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_registered_models() == []
 
 
 def test_resume_without_an_earlier_run_is_a_clear_error(tmp_path, capsys):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
 
 from orchestrator.common.errors import UserError
 from orchestrator.common.pool import Pool
@@ -115,7 +116,7 @@ def write(dm: DataMap, task, examples, out: str) -> list[str]:
                            f"{dm.sweep}: data map of {len(dm.stats)} training examples, averaged over "
                            f"{len(dm.per_trial)} trials")]
     table = dm.stats.copy()
-    table["label"] = examples.labels[table.index.to_numpy()].numpy()
+    table["label"] = examples.labels[torch.from_numpy(table.index.to_numpy(copy=True))].numpy()  # a writable copy
     table.reset_index().to_parquet(os.path.join(out, "data_map.parquet"))
     pd.concat(dm.per_trial, names=["trial", "id"]).reset_index().to_parquet(os.path.join(out, "per_trial.parquet"))
     files += [os.path.join(out, "data_map.parquet"), os.path.join(out, "per_trial.parquet")]
