@@ -32,7 +32,7 @@ TINY_TASK = [
 
 
 def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return argparse.ArgumentParser(allow_abbrev=False, prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def add_tiny_flag(p: argparse.ArgumentParser, what: str) -> None:

@@ -33,7 +33,7 @@ METRICS = ("val_acc", "id_acc", "ood_acc", "acc_ood_fonts")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python bench/soup_seeds.py", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python bench/soup_seeds.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="search seeds (default: 0 1 2; tiny: 0 1)")
     p.add_argument("--tiny", action="store_true", help="the tiny task with 2 trials: a check that it runs")

@@ -35,26 +35,58 @@ _Loader.add_implicit_resolver(
     list("-+0123456789"),
 )
 
-def config_path(given: str | None, default: str) -> str:
+def config_path(given: str | None, default: str, kind: str | None = None) -> str:
     """A config file: a path as given, else the shipped config of that name (with or
-    without .yaml); none given means the command's shipped default."""
+    without .yaml); none given means the command's shipped default. `kind`: the top-level
+    key of this command's configs (`sweep`, `study`): a shipped config of another command
+    is a one-line error naming the ones this command takes."""
     if given is None:
         return os.path.join(SHIPPED, default)
     shipped = os.path.join(SHIPPED, given if given.endswith(".yaml") else f"{given}.yaml")
     if not os.path.exists(given) and os.sep not in given and os.path.isfile(shipped):
+        if kind and kind not in _top_keys(shipped):
+            raise ConfigError(f"--config {given}: a shipped config of another command; this one takes "
+                              f"{', '.join(shipped_configs(kind))} or a path")
         return shipped
     return given
 
 
-def shipped_configs() -> list[str]:
-    """Names of the configs that ship with the package (for --help)."""
-    return sorted(n[:-len(".yaml")] for n in os.listdir(SHIPPED) if n.endswith(".yaml"))
+def shipped_configs(kind: str | None = None) -> list[str]:
+    """Names of the configs that ship with the package (for --help): with `kind`, those whose
+    top level has that key (a soup sweep's `sweep`, a study's `study`)."""
+    names = sorted(n[:-len(".yaml")] for n in os.listdir(SHIPPED) if n.endswith(".yaml"))
+    return [n for n in names if kind is None or kind in _top_keys(os.path.join(SHIPPED, f"{n}.yaml"))]
+
+
+def _top_keys(path: str) -> set[str]:
+    with open(path) as f:
+        raw = yaml.load(f, Loader=_Loader)
+    return set(raw) if isinstance(raw, dict) else set()
 
 
 def load(path: str, validate: Callable[[dict[str, Any], str], dict[str, Any]], preset: str = "default",
          overrides: list[str] = ()) -> dict[str, Any]:
-    """Read `path`, overlay the preset and the overrides, and check it with the command's `validate`."""
-    return validate(read(path, preset, overrides), path)
+    """Read `path`, overlay the preset and the overrides, and check it with the command's `validate`.
+    A mistake in a key an override set names that override, not the file."""
+    raw = read(path, preset, overrides)
+    try:
+        return validate(raw, path)
+    except ConfigError as e:
+        raise _blame_override(e, path, overrides) from None
+
+
+def _blame_override(error: ConfigError, path: str, overrides: list[str]) -> ConfigError:
+    """`path: key: why` as `override 'key=value': key: why` when an override set that key (or
+    a key above or below it)."""
+    text, prefix = str(error), f"{path}: "
+    if not text.startswith(prefix):
+        return error
+    where = text[len(prefix):].split(":", 1)[0]
+    for item in reversed(overrides):  # the last override of a key is the one that stands
+        key = item.partition("=")[0]
+        if where == key or where.startswith(f"{key}.") or key.startswith(f"{where}."):
+            return ConfigError(f"override {item!r}: {text[len(prefix):]}")
+    return error
 
 
 def read(path: str, preset: str = "default", overrides: list[str] = ()) -> dict[str, Any]:

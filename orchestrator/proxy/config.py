@@ -29,7 +29,7 @@ FREE_FORM = ("resources",)  # plus `interventions`, checked on its own (grid.int
 def load_config(path: str | None = None, preset: str = "default", overrides: list[str] = ()) -> dict[str, Any]:
     """The YAML file (a path or a shipped config's name), overlaid with a preset, then with
     key=value overrides; validated."""
-    return config.load(config.config_path(path, DEFAULT_CONFIG), validate, preset, overrides)
+    return config.load(config.config_path(path, DEFAULT_CONFIG, "study"), validate, preset, overrides)
 
 
 def check_settings(s: dict[str, Any], source: str, prefix: str) -> None:

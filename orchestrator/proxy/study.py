@@ -45,10 +45,10 @@ FORMATS = {"lr_sensitivity": "{:.3f}", "lr_sensitivity_low": "{:.3f}", "lr_sensi
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m orchestrator.lr_sensitivity", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m orchestrator.lr_sensitivity", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None,
-                   help=f"study YAML: a path, or a shipped config's name ({', '.join(shipped_configs())}); "
+                   help=f"study YAML: a path, or a shipped config's name ({', '.join(shipped_configs('study'))}); "
                         f"default: {DEFAULT_CONFIG[:-5]}")
     p.add_argument("--preset", default="default",
                    help="a preset of the YAML: default, quick or legacy (the default before issue 14; "

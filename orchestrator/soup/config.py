@@ -63,7 +63,7 @@ def defaults() -> dict[str, Any]:
 
 def load_config(path: str | None = None, overrides: list[str] = (), preset: str = "default") -> dict[str, Any]:
     """Read, overlay and validate a soup-sweep config (a path or a shipped config's name)."""
-    return config.load(config.config_path(path, DEFAULT_CONFIG), validate, preset, overrides)
+    return config.load(config.config_path(path, DEFAULT_CONFIG, "sweep"), validate, preset, overrides)
 
 
 def validate(raw: dict[str, Any], source: str = "<config>") -> dict[str, Any]:

@@ -100,7 +100,7 @@ def make_text(out: str, train_per_label: int = 70, test_per_label: int = 25, ood
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m orchestrator.example_data", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m orchestrator.example_data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("kind", choices=["text"], help="which dataset (text: the hf_text example's)")
     p.add_argument("--out", default=os.path.join("data", "stdlib_text"), help="output folder (default: data/stdlib_text)")

@@ -44,10 +44,10 @@ from orchestrator.soup.train import HPARAMS, metric_sets
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m orchestrator.soup_sweep", description=__doc__, epilog=_recipes_help(),
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m orchestrator.soup_sweep", description=__doc__, epilog=_recipes_help(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None,
-                   help=f"search-space YAML: a path, or a shipped config's name ({', '.join(shipped_configs())}); "
+                   help=f"search-space YAML: a path, or a shipped config's name ({', '.join(shipped_configs('sweep'))}); "
                         f"default: {DEFAULT_CONFIG[:-5]}")
     p.add_argument("--num-samples", type=int, default=None, help="number of fine-tuning trials (overrides num_samples)")
     p.add_argument("--preset", default="default", help="a preset of the YAML's `presets:` (default: the file as it is)")
@@ -132,6 +132,9 @@ class SoupSweep:
     def setup(self) -> None:
         """The shared starting weights, and the sweep's MLflow parent run."""
         cfg, args = self.cfg, self.args
+        made = not self.pool.has(self.task.pretrained_id())
+        self.where["setup"] = (f"driver: pretrained weights ({'made now, ' if made else ''}cached in the pool), "
+                               "MLflow parent run")
         self.pretrained = (self.pool.get(self.task.pretrained_id()) if args.skip_train
                            # the start point never sees label noise or a selection: its key does not know them
                            else ensure_pretrained(self.pool, self.task, replace(self.data, train=original(self.data.train)),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shlex
 
+import re
+
 import pytest
 
 from orchestrator.common.config import SHIPPED, search_space
@@ -210,11 +212,31 @@ def test_a_preset_overlays_the_file_and_overrides_win(tmp_path):
     ("num_samples=lots", "num_samples"),
     ("nonsense.key=1", "nonsense"),
 ])
-def test_bad_value_from_override_names_file_and_key(override, key):
+def test_bad_value_from_an_override_names_the_override_and_the_key_not_the_file(override, key):
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
-    assert DEFAULT in str(info.value)
-    assert key in str(info.value)
+    assert str(info.value).startswith(f"override {override!r}: {key}")
+    assert DEFAULT not in str(info.value)  # the shipped file is not what is wrong
+
+
+def test_a_mistake_in_the_file_still_names_the_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("sweep: mine\nnum_samples: lots\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: num_samples: "):
+        load_config(str(path), ["soup.greedy_accept=>"])
+
+
+def test_each_command_offers_and_takes_its_own_shipped_configs():
+    from orchestrator.common.config import shipped_configs
+    from orchestrator.proxy.config import load_config as load_study
+
+    assert "glyphs_soup" in shipped_configs("sweep") and "proxy_lr" not in shipped_configs("sweep")
+    assert shipped_configs("study") == ["proxy_lr"]
+    with pytest.raises(ConfigError, match="--config glyphs_soup: a shipped config of another command; this one "
+                                          "takes proxy_lr or a path"):
+        load_study("glyphs_soup")
+    with pytest.raises(ConfigError, match="--config proxy_lr: a shipped config of another command"):
+        load_config("proxy_lr")
 
 
 @pytest.mark.parametrize("override", ["num_samples", "soup.greedy_accept", "=5", ""])

@@ -31,10 +31,10 @@ from orchestrator.soup.config import DEFAULT_CONFIG, load_config, make_task
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m orchestrator.data_map", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m orchestrator.data_map", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None,
-                   help=f"the sweep's config: a path or a shipped config's name ({', '.join(shipped_configs())}); "
+                   help=f"the sweep's config: a path or a shipped config's name ({', '.join(shipped_configs('sweep'))}); "
                         f"default: {DEFAULT_CONFIG[:-5]}")
     p.add_argument("--preset", default="default", help="a preset of the config's `presets:`")
     p.add_argument("--sweep", default=None, help="the sweep to map (default: the config's `sweep`)")
