@@ -195,6 +195,9 @@ def register_best(uri: str, run_id: str, name: str, alias: str, description: str
     return str(version)
 
 
-def parent_metrics(dishes: list[Dish]) -> dict[str, Any]:
-    """Every dish's metrics for the sweep's parent run, as <dish name>_<metric>."""
-    return {f"{d.name}_{k}": v for d in dishes for k, v in d.metrics.items()}
+def parent_metrics(dishes: list[Dish], groups: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """Every dish's metrics for the sweep's parent run, as <dish name>_<metric>, one name per
+    number: an eval set's own accuracy (acc_<set>) is left out where a summary metric is that
+    set alone (`groups`, train.metric_sets: val_acc is acc_val), as the trial runs name them."""
+    alone = {f"acc_{sets[0]}" for sets in (groups or {}).values() if len(sets) == 1}
+    return {f"{d.name}_{k}": v for d in dishes for k, v in d.metrics.items() if k not in alone}

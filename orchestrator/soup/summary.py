@@ -58,27 +58,51 @@ def _diff_cell(iv: Interval | None, width: int) -> str:
     return f"{iv.estimate:+.4f} [{iv.low:+.3f},{iv.high:+.3f}]".rjust(width)
 
 
-def summary_table(dishes: list[Dish], groups: dict[str, list[str]]) -> str:
-    """Accuracies with intervals; then each dish minus the reference, paired (val left
-    out there: the soups were selected on it)."""
+def summary_rows(dishes: list[Dish], groups: dict[str, list[str]]) -> tuple[list[str], list[list[str]], Dish | None,
+                                                                          list[str], list[list[str]]]:
+    """The two tables' cells as text: (headings, rows) of the accuracies with their intervals,
+    the reference dish, and (headings, rows) of each other dish minus it, paired (val left out
+    there: the soups were selected on it)."""
     cols = columns(groups)
-    width = 22
-    lines = ["95% intervals: bootstrap over eval examples; '-' where a dish has no per-example results",
-             f"{'':34s}" + "".join(HEADINGS[c].rjust(width) for c in cols)]
+    rows = []
     for d in dishes:
         ivs = intervals(d, groups)
-        lines.append(f"{d.label:34s}" + "".join(_cell(d.metrics.get(c), ivs.get(c), width) for c in cols))
+        rows.append([d.label, *(_cell(d.metrics.get(c), ivs.get(c), 0) for c in cols)])
     ref = reference_dish(dishes)
+    diff_cols = [c for c in cols if c != "val_acc"]
+    diff_rows = [] if ref is None else [
+        [d.label, *(_diff_cell(differences(d, ref, groups).get(c), 0) for c in diff_cols)] for d in dishes if d is not ref]
+    return [HEADINGS[c] for c in cols], rows, ref, [HEADINGS[c] for c in diff_cols], diff_rows
+
+
+def summary_table(dishes: list[Dish], groups: dict[str, list[str]]) -> str:
+    """Accuracies with intervals; then each dish minus the reference, paired, as fixed-width text."""
+    heads, rows, ref, diff_heads, diff_rows = summary_rows(dishes, groups)
+    width = 22
+    lines = ["95% intervals: bootstrap over eval examples; '-' where a dish has no per-example results",
+             f"{'':34s}" + "".join(h.rjust(width) for h in heads)]
+    lines += [f"{label:34s}" + "".join(c.rjust(width) for c in cells) for label, *cells in rows]
     if ref is None:
         return "\n".join(lines)
-    diff_cols = [c for c in cols if c != "val_acc"]
     lines += ["", f"difference to the {ref.label} (paired: the same examples resampled together)",
-              f"{'':34s}" + "".join(HEADINGS[c].rjust(width + 2) for c in diff_cols)]
-    for d in dishes:
-        if d is ref:
-            continue
-        diffs = differences(d, ref, groups)
-        lines.append(f"{d.label:34s}" + "".join(_diff_cell(diffs.get(c), width + 2) for c in diff_cols))
+              f"{'':34s}" + "".join(h.rjust(width + 2) for h in diff_heads)]
+    lines += [f"{label:34s}" + "".join(c.rjust(width + 2) for c in cells) for label, *cells in diff_rows]
+    return "\n".join(lines)
+
+
+def summary_markdown(dishes: list[Dish], groups: dict[str, list[str]]) -> str:
+    """The same two tables as Markdown (what MLflow renders as a run's description)."""
+    heads, rows, ref, diff_heads, diff_rows = summary_rows(dishes, groups)
+
+    def table(headings: list[str], body: list[list[str]]) -> list[str]:
+        return ["| dish | " + " | ".join(headings) + " |", "|---" * (len(headings) + 1) + "|",
+                *("| " + " | ".join(cells) + " |" for cells in body)]
+
+    lines = ["Accuracy with 95% intervals (bootstrap over the eval examples; '-': no per-example results)", "",
+             *table(heads, rows)]
+    if ref is not None:
+        lines += ["", f"Difference to the {ref.label} (paired: the same examples resampled together)", "",
+                  *table(diff_heads, diff_rows)]
     return "\n".join(lines)
 
 

@@ -39,7 +39,7 @@ from orchestrator.soup.pretrained import ensure_pretrained
 from orchestrator.soup.publish import Publisher, parent_metrics
 from orchestrator.soup.recipes import RECIPES, cook, default_recipes, ordered, unavailable
 from orchestrator.soup.tasks.base import View, original
-from orchestrator.soup.summary import interval_metrics, summary_table
+from orchestrator.soup.summary import interval_metrics, summary_markdown, summary_table
 from orchestrator.soup.train import HPARAMS, metric_sets
 
 
@@ -345,13 +345,14 @@ class SoupSweep:
             tracking.log_file(uri, parent, manifest)
             self.report_data_map(tmp)
         table = summary_table(self.dishes, groups)
-        tracking.log_metrics(uri, parent, {**parent_metrics(self.dishes), **interval_metrics(self.dishes, groups)})
+        tracking.log_metrics(uri, parent, {**parent_metrics(self.dishes, groups), **interval_metrics(self.dishes, groups)})
         tracking.log_text(uri, parent, table, "summary.txt")
         # the same numbers as an MLflow table (the artifact view shows it as one; mlflow.load_table reads it)
         tracking.client(uri).log_table(parent, pd.DataFrame([{"dish": d.label, **d.metrics} for d in self.dishes]),
                                        "summary_table.json")
-        description = f"```\n{table}\n```" + (f"\n\n```\n{self.map_summary}\n```" if self.data_map else "")
-        tracking.set_tags(uri, parent, {tracking.NOTE: description[:8000]})  # the run page's description (MLflow's limit)
+        # the run page's description: Markdown tables MLflow renders (a code block is clipped on the right)
+        description = summary_markdown(self.dishes, groups) + (f"\n\n```\n{self.map_summary}\n```" if self.data_map else "")
+        tracking.set_tags(uri, parent, {tracking.NOTE: description[:8000]})  # MLflow's limit
         print()
         print(table)
         if self.data_map:
@@ -364,8 +365,10 @@ class SoupSweep:
         print(f"pool:   {self.pool.uri}  (python -m orchestrator.pool show --pool {self.pool.uri})")
         print(f"MLflow: {uri}, experiment {self.cfg['sweep']!r}, parent run {parent}")
         print(f"        browse with: mlflow ui --backend-store-uri {uri}")
-        # MLflow 3.17's UI opens on its GenAI view unless the browser chose "Model training" before
-        print(f"        at http://127.0.0.1:5000/#/experiments/{self.experiment}?workflowType=machine_learning")
+        print(f"        then open http://127.0.0.1:5000/#/experiments/{self.experiment}/runs/{parent}"
+              "?workflowType=machine_learning")
+        print("        (MLflow 3.17's UI starts in its GenAI view, which lists no training runs; "
+              "workflowType switches it to Model training)")
         print("plot:   artifact soups_id_vs_ood.png on the parent run"
               + ("; the data map under data_map/" if self.data_map else ""))
         print(f"log:    {self.args.log_file}  (Ray's, Tune's and MLflow's own messages)")

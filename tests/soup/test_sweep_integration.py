@@ -107,8 +107,13 @@ def test_mlflow_has_parent_nested_trials_and_recipes(swept):
     # summary table as the run's description
     assert client.get_experiment_by_name("tiny").tags["mlflow.experimentKind"] == "custom_model_development"
     assert parent.data.tags["mlflow.user"] and parent.data.tags["mlflow.source.name"]
-    assert "greedy soup" in parent.data.tags["mlflow.note.content"] and "difference to the best individual" in \
-        parent.data.tags["mlflow.note.content"]
+    note = parent.data.tags["mlflow.note.content"]  # Markdown tables, which the run page renders
+    assert "| dish | val | ID |" in note and "\n| greedy soup (" in note and "Difference to the best individual" in note
+    assert note.count("\n| ") >= 2 * 3  # every dish's row in both tables, none cut
+    # one name per number: val_acc is acc_val, so only val_acc is logged (as the trial runs name it)
+    assert "zero_shot_val_acc" in parent.data.metrics and "zero_shot_acc_val" not in parent.data.metrics
+    assert "zero_shot_natural_acc" in parent.data.metrics and "zero_shot_acc_ood_fonts" not in parent.data.metrics
+    assert "zero_shot_corrupt_acc" in parent.data.metrics and "zero_shot_acc_ood_noise" in parent.data.metrics
     assert parent.data.params["pool"] == str(root / "pool")
     assert float(parent.data.params["ray_cpus"]) >= 1
     trials = by_role["trial"]
