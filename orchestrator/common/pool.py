@@ -56,8 +56,9 @@ log = logging.getLogger(__name__)
 
 # fisher: a trial's diagonal Fisher (weights-shaped); dynamics: a trial's per-example training
 # dynamics (a table); both name the trial as their parent. selection: the training examples an
-# FTFT sweep chose from another sweep's dynamics (ids in hparams, no file)
-KINDS = ("pretrained", "trial", "soup", "proxy", "fisher", "dynamics", "selection")
+# FTFT sweep chose from another sweep's dynamics (ids in hparams, no file). cooked: a recipe's
+# dishes kept for reuse (a table; soup/cooked.py)
+KINDS = ("pretrained", "trial", "soup", "proxy", "fisher", "dynamics", "selection", "cooked")
 STATUSES = ("ok", "diverged", "failed", "stopped")  # stopped: by a scheduler (ASHA), before its last epoch
 
 SCHEMA = pa.schema([

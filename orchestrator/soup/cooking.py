@@ -205,15 +205,17 @@ class Unit:
 
 def cook_on_ray(spec: KitchenSpec, data: TaskData, names: list[str], settings: dict[str, Any], workers: int,
                 resources: dict[str, float], done: Callable[[str, list[Dish], float, int], None],
-                progress: Callable[[int], None] = lambda evaluations: None, period: float = 1.0) -> list[Dish]:
+                progress: Callable[[int], None] = lambda evaluations: None, period: float = 1.0,
+                ready: dict[str, list[Dish]] | None = None) -> list[Dish]:
     """Cook the named recipes (and what they need) on `workers` actors; `done(name, dishes,
     seconds, actors)` is called as each recipe finishes (seconds: its units' time added up;
     actors: how many different actors ran them), and
     `progress(evaluations)` with the actors' evaluations so far every `period` seconds.
-    Dishes come back in the recipes' order."""
+    `ready`: the dishes of recipes cooked before (reused from the pool), not cooked again.
+    Dishes come back in the recipes' order, the ready ones left out."""
     import ray
 
-    order = ordered(names)
+    order = [n for n in ordered(names) if n not in (ready or {})]
     # a recipe's parts: one per need of a recipe that cooks each need on its own (WiSE-FT's curve
     # from the best individual need not wait for the greedy soup), else one
     parts = {name: list(RECIPES[name].needs) if RECIPES[name].per_need else [None] for name in order}
@@ -225,7 +227,7 @@ def cook_on_ray(spec: KitchenSpec, data: TaskData, names: list[str], settings: d
     # actor that may restart with a constructor argument in the object store
     cooks = [actor.remote(spec) for _ in range(min(workers, room(resources)))]
     free, running = list(cooks), {}
-    made: dict[str, list[Dish]] = {}
+    made: dict[str, list[Dish]] = dict(ready or {})
     served: dict[tuple[str, str | None], list[Dish]] = {}  # each part's dishes
     seconds: dict[str, float] = dict.fromkeys(order, 0.0)
     ran_on: dict[str, set] = {name: set() for name in order}  # the actors each recipe's units ran on

@@ -47,6 +47,8 @@ class Dish:
     # per eval set, which examples it got right (Verdict.correct): the summary's intervals;
     # a dish without them is shown without intervals
     correct: dict[str, np.ndarray] = field(default_factory=dict)
+    # the pool id of its weights when they are there and not loaded (a dish reused from an earlier cook)
+    weights_id: str = ""
 
     def __post_init__(self):
         self.name = self.name or self.recipe

@@ -5,10 +5,14 @@ recipes' declarations."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import tempfile
+from dataclasses import dataclass
 from typing import Any
+
+from safetensors.torch import save as st_save
 
 from orchestrator.common import tracking
 from orchestrator.common.pool import Pool, Row, safe_id
@@ -23,6 +27,13 @@ PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # orchest
 # adds its own (Task.serve_requirements)
 REQUIREMENTS = ("torch", "safetensors", "numpy", "pyarrow", "mlflow")
 DEFAULT_ALIAS = "champion"
+SHA256 = "orchestrator.sha256"  # a registered version's tag: the sha256 of its weights file in the pool
+
+
+@dataclass
+class Served:
+    run_ids: list[str]  # each dish's MLflow run
+    version: str | None = None  # the registered version the alias points at, if one was asked for
 
 
 class Publisher:
@@ -31,23 +42,37 @@ class Publisher:
     def __init__(self, pool: Pool, uri: str, experiment: str, parent: str):
         self.pool, self.uri, self.experiment, self.parent = pool, uri, experiment, parent
 
-    def serve(self, dishes: list[Dish], sweep: str, task: Task, register: dict[str, str] | None = None) -> str | None:
-        """Log every dish; with `register` ({"name": ..., "alias": ...}; name defaults to the sweep,
-        alias to "champion"), register the best dish (`champion`) and return its version."""
+    def serve(self, dishes: list[Dish], sweep: str, task: Task, register: dict[str, str] | None = None,
+              logged: dict[int, str] | None = None) -> Served:
+        """Log every dish not `logged` already (id(dish) -> its run, for dishes reused from an earlier
+        cook); with `register` ({"name": ..., "alias": ...}; name defaults to the sweep, alias to
+        "champion"), register the best dish (`champion`) unless the alias holds its weights already.
+        Returns each dish's run id and the version the alias points at (None: nothing registered)."""
+        logged = logged or {}
         best = champion(dishes) if register is not None else None
-        run_ids = [self.serve_one(dish, sweep, task, model=dish is best) for dish in dishes]
+        run_ids = [logged.get(id(dish)) or self.serve_one(dish, sweep, task, model=dish is best) for dish in dishes]
         if register is None:
-            return None
+            return Served(run_ids)
         if best is None:
             print("registered nothing: no dish with weights and a val accuracy")
-            return None
+            return Served(run_ids)
         best_run = next(run_id for dish, run_id in zip(dishes, run_ids) if dish is best)  # `is`: dishes hold tensors
         name, alias = register.get("name") or sweep, register.get("alias") or DEFAULT_ALIAS
-        description, tags = version_notes(best, sweep, ingredient_id(best, sweep))
-        version = register_best(self.uri, best_run, name, alias, description, tags)
+        ingredient = ingredient_id(best, sweep)
+        sha = self.pool.get(ingredient)["sha256"] if ingredient and self.pool.has(ingredient) else \
+            hashlib.sha256(st_save(best.weights)).hexdigest()  # as the pool names a file of these weights
+        current = alias_version(self.uri, name, alias)
+        if current is not None and current.tags.get(SHA256) == sha:
+            print(f"registered nothing new: {name} version {current.version} (alias {alias}) holds these weights "
+                  f"already ({best.label} [{best.recipe}], {accuracies(best.metrics)})")
+            return Served(run_ids, str(current.version))
+        if not has_logged_model(self.uri, best_run):  # a reused dish that was not the one to register before
+            log_model(self.uri, best_run, best.weights if best.weights is not None else self.pool.load(ingredient), task)
+        description, tags = version_notes(best, sweep, ingredient)
+        version = register_best(self.uri, best_run, name, alias, description, {**tags, SHA256: sha})
         print(f"registered model {name} version {version} (alias {alias}): {best.label} [{best.recipe}], "
               f"{accuracies(best.metrics)}")
-        return version
+        return Served(run_ids, version)
 
     def serve_one(self, dish: Dish, sweep: str, task: Task, model: bool = False) -> str:
         """Log one dish as a nested run (its id returned); new weights also go to the pool and
@@ -142,7 +167,7 @@ def champion(dishes: list[Dish]) -> Dish | None:
     accuracy. A tie goes to the dish cooked first (the simpler recipe: the best individual
     before a greedy soup that kept only it), not to the higher ID accuracy: the ID and OOD test
     sets report the champion and never choose it."""
-    with_weights = [d for d in dishes if d.weights is not None and "val_acc" in d.metrics]
+    with_weights = [d for d in dishes if (d.weights is not None or d.weights_id) and "val_acc" in d.metrics]
     return max(with_weights, key=lambda d: d.metrics["val_acc"], default=None)  # max keeps the first of ties
 
 
@@ -193,6 +218,22 @@ def register_best(uri: str, run_id: str, name: str, alias: str, description: str
                                           description=description or None, model_id=models[0].model_id).version
     client.set_registered_model_alias(name, alias, version)
     return str(version)
+
+
+def alias_version(uri: str, name: str, alias: str):
+    """The model version the alias points at, or None (no such model or alias yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return tracking.client(uri).get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def has_logged_model(uri: str, run_id: str) -> bool:
+    client = tracking.client(uri)
+    return bool(client.search_logged_models([client.get_run(run_id).info.experiment_id], max_results=1,
+                                            filter_string=f"source_run_id = '{run_id}' AND name = 'model'"))
 
 
 def parent_metrics(dishes: list[Dish], groups: dict[str, list[str]] | None = None) -> dict[str, Any]:

@@ -36,7 +36,8 @@ from orchestrator.soup.config import DEFAULT_CONFIG, load_config, make_task
 from orchestrator.soup.cooking import KitchenSpec, Progress, cook_on_ray, room, watch
 from orchestrator.soup.kitchen import Kitchen, check_cookable
 from orchestrator.soup.pretrained import ensure_pretrained
-from orchestrator.soup.publish import Publisher, parent_metrics
+from orchestrator.soup import cooked
+from orchestrator.soup.publish import Publisher, ingredient_id, parent_metrics
 from orchestrator.soup.recipes import RECIPES, cook, default_recipes, ordered, unavailable
 from orchestrator.soup.tasks.base import View, original
 from orchestrator.soup.summary import interval_metrics, summary_markdown, summary_table
@@ -84,6 +85,8 @@ class SoupSweep:
         self.resume_path: str | None = None
         self.kitchen: Kitchen | None = None
         self.dishes = []
+        self.reused: dict[str, list] = {}  # recipe -> its dishes kept by an earlier cook: (dish, run id, weights id)
+        self.keys: dict[str, str] = {}  # recipe -> its cook key (soup/cooked.py)
         self.data_map = None
         self.seconds: dict[str, float] = {}  # phase -> wall seconds
         self.shortfall = ""  # why fewer trials finished than asked for (not the scheduler), if they did
@@ -269,6 +272,24 @@ class SoupSweep:
         if pulled:
             print(f"soup.recipes: also cooking {', '.join(pulled)} (needed by "
                   f"{', '.join(n for n in asked if set(RECIPES[n].needs) & set(pulled))})")
+        self.keys = cooked.cook_keys(kitchen, names, self.cfg["soup"], self.kitchen_settings())
+        self.reused = {n: found for n in names if (found := cooked.load(self.pool, self.cfg["sweep"], n, self.keys[n]))}
+        fresh = [n for n in names if n not in self.reused]
+        if self.reused:
+            print(f"reused the dishes of {len(self.reused)} of {len(names)} recipes from the pool (cooked before from "
+                  f"the same ingredients, settings and code): {', '.join(self.reused)}", flush=True)
+        ready = {n: [dish for dish, _, _ in found] for n, found in self.reused.items()}
+        for name in {need for n in fresh for need in RECIPES[n].needs if need in self.reused}:
+            for dish, _, weights in self.reused[name]:  # what a recipe to cook reads of the one it needs
+                dish.weights = self.pool.load(weights) if weights else None
+        if not fresh:
+            self.where["cook"] = "nothing cooked: every recipe's dishes reused from the pool"
+        made = self.cook_fresh(fresh, ready) if fresh else []
+        self.dishes = [d for n in ordered(names) for d in (ready[n] if n in ready else made) if d.recipe == n]
+
+    def cook_fresh(self, names: list[str], ready: dict[str, list]) -> list:
+        """Cook the recipes no earlier cook left in the pool, the reused ones given as ready."""
+        kitchen = self.kitchen
         where = self.where["cook"] = self.cook_where()
         print(f"cooking {len(names)} recipes from the pool {where} ...", flush=True)
         t_cook, count = time.time(), iter(range(1, len(names) + 1))
@@ -284,16 +305,17 @@ class SoupSweep:
             torch.set_num_threads(self.cook_threads())  # as in a worker: the same arithmetic
             stop = watch(kitchen, progress)
             try:
-                self.dishes = cook(kitchen, names, self.cfg["soup"], done)
+                made = cook(kitchen, names, self.cfg["soup"], done, ready={n: d[0] for n, d in ready.items()})
             finally:
                 stop()
         else:
             try:
-                self.dishes = cook_on_ray(self.kitchen_spec(), self.data, names, self.cfg["soup"], spec["workers"],
-                                          spec["resources"], done, progress.update)
+                made = cook_on_ray(self.kitchen_spec(), self.data, names, self.cfg["soup"], spec["workers"],
+                                   spec["resources"], done, progress.update, ready=ready)
             finally:
                 progress.close()
-        print(f"cooked {len(self.dishes)} dishes in {time.time() - t_cook:.1f} s", flush=True)
+        print(f"cooked {len(made)} dishes in {time.time() - t_cook:.1f} s", flush=True)
+        return made
 
     def cook_where(self) -> str:
         spec = self.cfg["cook"]
@@ -327,8 +349,15 @@ class SoupSweep:
             print(f"registered nothing: a partial sweep ({self.shortfall}); publish.partial: true registers "
                   "its best dish anyway")
             register = None
-        Publisher(self.pool, self.uri, self.experiment, self.parent).serve(self.dishes, self.cfg["sweep"], self.task,
-                                                                           register=register)
+        logged = {id(dish): run_id for found in self.reused.values() for dish, run_id, _ in found}
+        publisher = Publisher(self.pool, self.uri, self.experiment, self.parent)
+        run_ids = publisher.serve(self.dishes, self.cfg["sweep"], self.task, register=register, logged=logged).run_ids
+        for name in dict.fromkeys(d.recipe for d in self.dishes):  # each newly cooked recipe, kept for the next cook
+            if name not in self.reused:
+                mine = [(d, r) for d, r in zip(self.dishes, run_ids) if d.recipe == name]
+                cooked.save(self.pool, self.cfg["sweep"], self.task.name, name, self.keys[name], [d for d, _ in mine],
+                            [r for _, r in mine], [ingredient_id(d, self.cfg["sweep"]) if d.weights is not None else ""
+                                                   for d, _ in mine])
 
     def report(self) -> None:
         from orchestrator.soup.plots import soup_scatter

@@ -164,7 +164,7 @@ def test_register_best_versions_and_moves_the_alias_served_in_a_fresh_process(tm
     # the first sweep: the best individual wins (its weights are a trial's: logged as a model only now)
     first = [dish("zero_shot", 0.5), dish("best_individual", 0.9, weights[0], parents=["trial-a"]),
              dish("uniform_soup", 0.8, weights[1], parents=["trial-a", "trial-b"])]
-    assert publisher.serve(first, "glyphs_soup", task, {"name": "", "alias": ""}) == "1"  # defaults: sweep, champion
+    assert publisher.serve(first, "glyphs_soup", task, {"name": "", "alias": ""}).version == "1"  # sweep, champion
     assert "registered model glyphs_soup version 1 (alias champion): best individual [best_individual], " \
            "val 0.9000, ID 0.5000, OOD 0.4000" in capsys.readouterr().out
     v1 = client.get_model_version_by_alias("glyphs_soup", "champion")
@@ -172,18 +172,25 @@ def test_register_best_versions_and_moves_the_alias_served_in_a_fresh_process(tm
     assert "held-out" in v1.description and "val 0.9000" in v1.description
     # a later sweep's soup: version 2 under a configured name and alias, which moves to it
     second = [dish("greedy_soup", 0.95, weights[1], parents=["trial-a", "trial-b"])]
-    assert publisher.serve(second, "glyphs_soup", task, {"name": "digits", "alias": "prod"}) == "1"
+    assert publisher.serve(second, "glyphs_soup", task, {"name": "digits", "alias": "prod"}).version == "1"
     run_id = client.get_model_version_by_alias("digits", "prod").run_id
     assert register_best(uri, run_id, "glyphs_soup", "champion", "by hand",
                          {"orchestrator.recipe": "greedy_soup"}) == "2"
     v2 = client.get_model_version_by_alias("glyphs_soup", "champion")
     assert str(v2.version) == "2" and v2.description == "by hand"
     assert sorted(str(v.version) for v in client.search_model_versions("name = 'glyphs_soup'")) == ["1", "2"]
-    assert publisher.serve(first, "glyphs_soup", task, None) is None  # no registration asked for
-    assert publisher.serve([dish("ensemble", 0.99)], "glyphs_soup", task, {"name": "x"}) is None  # nothing servable
+    assert publisher.serve(first, "glyphs_soup", task, None).version is None  # no registration asked for
+    assert publisher.serve([dish("ensemble", 0.99)], "glyphs_soup", task, {"name": "x"}).version is None  # none servable
     assert "registered nothing" in capsys.readouterr().out
+    # the first champion again: the alias's version 2 (registered by hand, without our sha256 tag) is
+    # not known to hold its weights, so version 3; then a rerun: version 3 holds them, no new version
+    assert publisher.serve(first, "glyphs_soup", task, {"name": "", "alias": ""}).version == "3"
+    assert "registered nothing new" not in capsys.readouterr().out
+    assert publisher.serve(first, "glyphs_soup", task, {"name": "", "alias": ""}).version == "3"
+    assert "registered nothing new: glyphs_soup version 3 (alias champion) holds these weights already" in \
+        capsys.readouterr().out
 
     x = task.serve_example()
     out = predict_in_fresh_process(tmp_path, uri, {"models:/glyphs_soup@champion": x, "models:/glyphs_soup/1": x})
-    np.testing.assert_allclose(out["models:/glyphs_soup@champion"], logits(task, weights[1], x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["models:/glyphs_soup@champion"], logits(task, weights[0], x), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out["models:/glyphs_soup/1"], logits(task, weights[0], x), rtol=1e-5, atol=1e-5)

@@ -3,6 +3,7 @@
 import contextlib
 import io
 import os
+import re
 
 import pytest
 from mlflow import MlflowClient
@@ -194,11 +195,9 @@ def test_recipes_subset_cooks_only_those_and_what_they_need(swept, capsys):
     assert soup_sweep.main(args + ["--skip-train", "soup.recipes=[wise_ft]"]) == 0
     out = capsys.readouterr().out
     assert "soup.recipes: also cooking best_individual, greedy_soup (needed by wise_ft)" in out
-    _, by_role = runs_by_role(uri)
-    newest = max(by_role["sweep"], key=lambda r: r.info.start_time)
-    cooked = {r.data.tags["orchestrator.recipe"] for r in by_role["recipe"]
-              if r.data.tags["mlflow.parentRunId"] == newest.info.run_id}
-    assert cooked == {"best_individual", "greedy_soup", "wise_ft"}
+    # the first sweep cooked them from the same ingredients: their dishes come from the pool
+    assert "reused the dishes of 3 of 3 recipes from the pool (cooked before from the same ingredients, settings " \
+           "and code): best_individual, greedy_soup, wise_ft" in out
     assert "zero-shot" not in out and "WiSE-FT greedy soup" in out
 
 
@@ -228,16 +227,35 @@ def test_logged_config_round_trips_through_config_flag(swept, tmp_path):
     assert load_config(path) == expected
 
 
-def test_running_the_sweep_again_reuses_its_trials(swept, capsys):
+def summary_of(out: str) -> str:
+    return out[out.index("95% intervals"):out.index("data map of sweep")]
+
+
+def test_running_the_sweep_again_reuses_its_trials_and_dishes(swept, capsys):
+    """The same command again: every trial and every recipe's dishes from the pool, no new recipe
+    run, no new registered version, the same summary; a changed setting cooks that recipe and
+    the recipes that need it again, and nothing else."""
     root, uri, args = swept
     before = Pool(str(root / "pool")).manifest()
+    client, by_role = runs_by_role(uri)
+    recipe_runs, versions = len(by_role["recipe"]), len(client.search_model_versions("name = 'tiny'"))
     assert soup_sweep.main(args) == 0
     out = capsys.readouterr().out
     assert "reused 3 of 3 trials from the pool" in out and out.count(": reused ") == 3
+    assert "reused the dishes of 11 of 11 recipes from the pool" in out and "cooking " not in out
+    assert "registered nothing new: tiny version 1 (alias champion) holds these weights already" in out
+    assert summary_of(out) == summary_of(globals()["swept"].stdout)  # the same dishes as the first run
     after = Pool(str(root / "pool")).manifest()
-    assert sorted(after["id"]) == sorted(before["id"])  # no trial trained again, the same soups
-    _, by_role = runs_by_role(uri)
+    assert sorted(after["id"]) == sorted(before["id"])  # no trial trained again, the same soups and cooks
+    client, by_role = runs_by_role(uri)
     assert len(by_role["trial"]) == 3 and "same weights as" not in out
+    assert len(by_role["recipe"]) == recipe_runs and len(client.search_model_versions("name = 'tiny'")) == versions
+
+    assert soup_sweep.main([*args, "soup.greedy_accept=>"]) == 0  # the greedy soup's rule changes
+    out = capsys.readouterr().out
+    cooked_again = sorted(re.findall(r"\] (\w+): \d+ dish", out))
+    assert cooked_again == ["greedy_soup", "model_stock", "wise_ft"], out  # it and what needs it
+    assert "reused the dishes of 8 of 11 recipes" in out
 
 
 def test_fisher_asked_for_a_pool_without_fishers_is_a_clear_error(swept, tmp_path, capsys):

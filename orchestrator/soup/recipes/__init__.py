@@ -162,19 +162,21 @@ def all_params() -> dict[str, Param]:
 
 
 def cook(kitchen: Kitchen, names: list[str], settings: dict[str, Any],
-         done: Callable[[str, list[Dish], float], None] = lambda name, dishes, seconds: None) -> list[Dish]:
+         done: Callable[[str, list[Dish], float], None] = lambda name, dishes, seconds: None,
+         ready: dict[str, Dish] | None = None) -> list[Dish]:
     """Cook the named recipes and what they need, one after another in this process, each
     with its params from `settings` (the config's `soup:` section); returns every dish,
-    weights on the CPU; `done(name, dishes, seconds)` as each recipe finishes.
+    weights on the CPU; `done(name, dishes, seconds)` as each recipe finishes. `ready`: the
+    first dish of recipes cooked before (reused from the pool), which are not cooked again.
     soup/cooking.py spreads the same cook_one calls over Ray workers."""
     import time
 
     from orchestrator.soup.kitchen import check_cookable
 
     check_cookable(kitchen)
-    cooked: dict[str, Dish] = {}
+    cooked: dict[str, Dish] = dict(ready or {})
     dishes: list[Dish] = []
-    for name in ordered(names):
+    for name in (n for n in ordered(names) if n not in cooked):
         t0 = time.time()
         made = cook_one(kitchen, name, settings, {need: cooked[need] for need in RECIPES[name].needs})
         done(name, made, time.time() - t0)
