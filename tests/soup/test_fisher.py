@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from orchestrator.soup.fisher import FLOOR, diagonal_fisher
+from orchestrator.soup.fisher import diagonal_fisher
 from orchestrator.soup.tasks.base import TensorExamples
 
 
